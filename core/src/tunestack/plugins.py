@@ -116,7 +116,7 @@ class PluginHost:
         return "; ".join(parts)
 
     def describe_unknown_task(self, name: str) -> str:
-        close = difflib.get_close_matches(name, list(self.tasks), n=3, cutoff=0.5)
+        close = difflib.get_close_matches(name, list(self.tasks), n=1, cutoff=0.6)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         return f"unknown task '{name}'{hint}; known tasks: {', '.join(sorted(self.tasks))}"
 
