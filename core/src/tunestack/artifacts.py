@@ -17,7 +17,7 @@ from tunestack.context import ModelHandle, TransformRecord
 from tunestack.errors import ModelError, PluginError
 from tunestack.methods import Slot
 from tunestack.models import fit_tokenizer, load_pretrained, load_tokenizer, quiet_transformers
-from tunestack.plugins import PluginHost
+from tunestack.plugins import PluginHost, culprit
 
 META_FILE = "tunestack.json"
 FORMAT_VERSION = 1
@@ -52,7 +52,15 @@ def save_model(handle: ModelHandle, folder: Path, host: PluginHost) -> None:
         instance = instantiate(record, host)
         target = folder / record.folder
         target.mkdir(parents=True)
-        saved = host.scoped_hook(instance).tunestack_save(model=model, folder=target, record=record)
+        try:
+            saved = host.scoped_hook(instance).tunestack_save(model=model, folder=target, record=record)
+        except OSError:
+            raise
+        except Exception as error:
+            raise PluginError(
+                f"{culprit(host, error, [instance])} could not save '{record.method}' ({record.slot.path}): "
+                f"{type(error).__name__}: {error}"
+            ) from error
         if saved is None:
             raise PluginError(f"method '{record.method}' did not implement tunestack_save for its transform")
         model = saved.model
@@ -106,7 +114,13 @@ def load_model(folder: Path, host: PluginHost, trust_remote_code: bool | None = 
     fit_tokenizer(model, tokenizer)
     for record in records:
         instance = instantiate(record, host)
-        model = host.scoped_hook(instance).tunestack_rebuild(model=model, folder=folder / record.folder, record=record)
+        try:
+            model = host.scoped_hook(instance).tunestack_rebuild(model=model, folder=folder / record.folder, record=record)
+        except Exception as error:
+            raise PluginError(
+                f"{culprit(host, error, [instance])} could not rebuild '{record.method}' ({record.slot.path}) from "
+                f"{folder / record.folder}: {type(error).__name__}: {error}"
+            ) from error
         if model is None:
             raise PluginError(f"method '{record.method}' returned nothing from tunestack_rebuild")
     model.eval()

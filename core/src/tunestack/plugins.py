@@ -297,14 +297,25 @@ def plugin_of_module(host: PluginHost, module_name: str) -> PluginInfo | None:
     return best
 
 
-def culprit(host: PluginHost, error: BaseException) -> str:
-    """Name the plugin (and its distribution version) whose code raised ``error``."""
+def culprit(host: PluginHost, error: BaseException, instances: Sequence[object] = ()) -> str:
+    """Name the plugin (and its distribution version) whose code raised ``error``.
+
+    A frame running a method instance's code names the plugin that registered the method;
+    otherwise the innermost frame from a plugin's package decides.
+    """
     tb = error.__traceback__
     label = None
+    known = {id(i): i for i in instances}
     while tb is not None:
-        info = plugin_of_module(host, tb.tb_frame.f_globals.get("__name__", ""))
-        if info is not None and not info.builtin:
-            label = info.label
+        frame = tb.tb_frame
+        owner = known.get(id(frame.f_locals.get("self")))
+        slot = getattr(owner, "slot", None)
+        if slot is not None and slot.method in host.method_plugin:
+            label = host.method_plugin[slot.method].label
+        else:
+            info = plugin_of_module(host, frame.f_globals.get("__name__", ""))
+            if info is not None and not info.builtin:
+                label = info.label
         tb = tb.tb_next
     return label or "tunestack core"
 

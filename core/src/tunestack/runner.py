@@ -113,6 +113,8 @@ class Runner:
             raise Interrupted(
                 f"interrupted; the unfinished run is kept in {self.root}; run again with --resume to continue"
             ) from None
+        except GateFailed:
+            raise  # the run folder is finished and holds the last stage that passed
         except TunestackError as error:
             self.folder.mark_incomplete(f"{type(error).__name__}: {str(error).splitlines()[0]}")
             self.log.event("failed", error=str(error))
@@ -459,7 +461,7 @@ class Runner:
             raise
         except Exception as error:
             raise PluginError(
-                f"{culprit(self.host, error)} failed in {name} (stage '{stage.name}'): {type(error).__name__}: {error}"
+                f"{culprit(self.host, error, [m.instance for m in stage.methods])} failed in {name} (stage '{stage.name}'): {type(error).__name__}: {error}"
             ) from error
 
     # -- the end -----------------------------------------------------------------------------

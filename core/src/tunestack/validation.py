@@ -432,7 +432,7 @@ def _run_stage_checks(host: PluginHost, stage: StagePlan, ctx: ValidationContext
         try:
             results = host.hook.tunestack_validate_stage(stage=stage, ctx=ctx)
         except Exception as error:
-            culprit_label = culprit(host, error)
+            culprit_label = culprit(host, error, [m.instance for m in stage.methods])
             return [Problem(stage.path, f"{culprit_label} raised while validating: {type(error).__name__}: {error}")]
     for result in results:
         for item in result or []:
