@@ -26,6 +26,14 @@ from tunestack.context import (
 from tunestack.data import Example
 from tunestack.errors import DataError, ModelError, PluginError, Problem, RunFailed, UserError
 from tunestack.hookspecs import hookimpl
+from tunestack.modelparts import (
+    Layers,
+    count_trainable,
+    embedding_parameter_names,
+    head_parameter_names,
+    layer_of,
+    transformer_layers,
+)
 from tunestack.methods import KNOWN_TAGS, PHASES, Contract, Method, MethodSpec, Options, Phase, Slot, TaskSpec
 from tunestack.saving import Saved
 
@@ -58,6 +66,13 @@ __all__ = [
     "ExampleList",
     "Stash",
     "StashKey",
+    # finding model parts across families
+    "Layers",
+    "transformer_layers",
+    "head_parameter_names",
+    "embedding_parameter_names",
+    "layer_of",
+    "count_trainable",
     # errors
     "Problem",
     "UserError",
