@@ -1,7 +1,7 @@
 """Regenerates the reference pages that must never drift from the code.
 
-    python docs/generate.py          # rewrite docs/cli.md, docs/hooks.md, docs/stack-reference.md
-    python docs/generate.py --check  # exit 1 if any of them is stale (the test suite runs this)
+python docs/generate.py          # rewrite docs/cli.md, docs/hooks.md, docs/stack-reference.md
+python docs/generate.py --check  # exit 1 if any of them is stale (the test suite runs this)
 """
 
 from __future__ import annotations
@@ -89,11 +89,27 @@ def stack_page() -> str:
     sections = [
         ("Top level", stack.StackFile, "Keys outside any table."),
         ("[model]", stack.ModelSettings, "Which model to start from and for which task."),
-        ("[data]", stack.DataSettings, "Data files and how to read them. Relative paths resolve against the stack file's folder."),
-        ("[train]", stack.TrainSettings, "Training defaults for every stage; a stage may override any of them."),
+        (
+            "[data]",
+            stack.DataSettings,
+            "Data files and how to read them. Relative paths resolve against the stack file's folder.",
+        ),
+        (
+            "[train]",
+            stack.TrainSettings,
+            "Training defaults for every stage; a stage may override any of them.",
+        ),
         ("[eval]", stack.EvalSettings, "Evaluation and the measurement protocol."),
-        ("[[stage]]", stack.StageSettings, "One stage of a multi-stage file. Training keys override `[train]`."),
-        ("gate", stack.GateSettings, "An evaluation gate on a stage: `gate = { metric = \"accuracy\", min_retention = 0.98 }`."),
+        (
+            "[[stage]]",
+            stack.StageSettings,
+            "One stage of a multi-stage file. Training keys override `[train]`.",
+        ),
+        (
+            "gate",
+            stack.GateSettings,
+            'An evaluation gate on a stage: `gate = { metric = "accuracy", min_retention = 0.98 }`.',
+        ),
     ]
     parts = [
         "# Stack file reference",
@@ -110,7 +126,8 @@ def stack_page() -> str:
         "Model sources: `minilm` (the packaged all-MiniLM-L6-v2), a local Hugging Face folder, a previous",
         "tunestack run folder (its final model, transforms included), or a hub id (needs a network). A",
         "`[model.config]` table builds a random-init model instead, e.g.",
-        '`config = { model_type = "bert", hidden_size = 32, num_hidden_layers = 2, num_attention_heads = 4, intermediate_size = 64 }`.',
+        '`config = { model_type = "bert", hidden_size = 32, num_hidden_layers = 2, num_attention_heads = 4, '
+        "intermediate_size = 64 }`.",
         "",
         "Data formats: TSV/CSV with a header row; JSONL objects; CoNLL column files (`token POS chunk TAG`,",
         "`-DOCSTART-` lines skipped, blank lines between sentences) for token classification; JSONL with",

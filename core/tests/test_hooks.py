@@ -51,9 +51,19 @@ def test_hook_tunestack_register_commands(cli, monkeypatch):
 def test_hook_tunestack_validate_stage(plugin_host, make_stack, calls):
     from tunestack.validation import load_plan
 
-    load_plan(make_stack(stages=[{"name": "a", "stack": [{"method": "echo", "tag": "x"}]},
-                                 {"name": "b", "stack": [{"method": "echo", "tag": "y"}]}]), plugin_host)
-    assert [c for c in calls if c[0] == "validate_stage"] == [("validate_stage", "x"), ("validate_stage", "y")]
+    load_plan(
+        make_stack(
+            stages=[
+                {"name": "a", "stack": [{"method": "echo", "tag": "x"}]},
+                {"name": "b", "stack": [{"method": "echo", "tag": "y"}]},
+            ]
+        ),
+        plugin_host,
+    )
+    assert [c for c in calls if c[0] == "validate_stage"] == [
+        ("validate_stage", "x"),
+        ("validate_stage", "y"),
+    ]
 
 
 class _CausalChooser(Method[Options]):

@@ -69,7 +69,10 @@ def test_builtins_and_test_double_are_discovered_with_versions(plugin_host):
 
 
 def test_broken_entry_point_is_reported_and_others_keep_working(monkeypatch):
-    _with_entry_points(monkeypatch, [FakeEntryPoint("broken", "broken_plugin", FakeDist("tunestack-broken", "9.9"), _broken_import)])
+    _with_entry_points(
+        monkeypatch,
+        [FakeEntryPoint("broken", "broken_plugin", FakeDist("tunestack-broken", "9.9"), _broken_import)],
+    )
     host = create_host()
     broken = host.plugin("broken")
     assert broken is not None and broken.error is not None
@@ -79,16 +82,22 @@ def test_broken_entry_point_is_reported_and_others_keep_working(monkeypatch):
 
 
 def test_unknown_method_names_the_failed_plugin(monkeypatch):
-    _with_entry_points(monkeypatch, [FakeEntryPoint("ia4", "tunestack_ia4", FakeDist("tunestack-ia4", "0.3.1"), _broken_import)])
+    _with_entry_points(
+        monkeypatch,
+        [FakeEntryPoint("ia4", "tunestack_ia4", FakeDist("tunestack-ia4", "0.3.1"), _broken_import)],
+    )
     host = create_host()
     message = host.describe_unknown_method("ia4")
     assert "tunestack-ia4 0.3.1" in message and "failed to load" in message and "missing_dependency" in message
 
 
 def test_strict_mode_reraises(monkeypatch):
-    _with_entry_points(monkeypatch, [FakeEntryPoint("broken", "broken_plugin", FakeDist("tunestack-broken", "1.0"), _broken_import)])
+    _with_entry_points(
+        monkeypatch,
+        [FakeEntryPoint("broken", "broken_plugin", FakeDist("tunestack-broken", "1.0"), _broken_import)],
+    )
     monkeypatch.setenv("TUNESTACK_STRICT_PLUGINS", "1")
-    with pytest.raises(PluginError, match="tunestack-broken 1.0"):
+    with pytest.raises(PluginError, match=r"tunestack-broken 1\.0"):
         create_host()
 
 
@@ -108,7 +117,9 @@ def test_malformed_contract_is_reported_naming_the_plugin():
     def tunestack_register_methods(register):
         register(MethodSpec(name="bad", options=Opts, factory=object, contract="not a contract"))
 
-    host = create_host(extra_plugins=[("bad-plugin", _module_with(tunestack_register_methods=tunestack_register_methods))])
+    host = create_host(
+        extra_plugins=[("bad-plugin", _module_with(tunestack_register_methods=tunestack_register_methods))]
+    )
     info = host.plugin("bad-plugin")
     assert info.error and "contract" in info.error
     assert "bad" not in host.methods and "echo" in host.methods
@@ -122,7 +133,9 @@ def test_options_must_forbid_unknown_keys():
 
     @hookimpl
     def tunestack_register_methods(register):
-        register(MethodSpec(name="loose", options=Loose, factory=object, contract=Contract(phases=frozenset({"prepare"}))))
+        register(
+            MethodSpec(name="loose", options=Loose, factory=object, contract=Contract(phases=frozenset({"prepare"})))
+        )
 
     host = create_host(extra_plugins=[("loose", _module_with(tunestack_register_methods=tunestack_register_methods))])
     assert "extra='forbid'" in host.plugin("loose").error
@@ -135,7 +148,9 @@ def test_duplicate_method_name_is_refused():
 
     @hookimpl
     def tunestack_register_methods(register):
-        register(MethodSpec(name="echo", options=Opts, factory=object, contract=Contract(phases=frozenset({"prepare"}))))
+        register(
+            MethodSpec(name="echo", options=Opts, factory=object, contract=Contract(phases=frozenset({"prepare"})))
+        )
 
     host = create_host(extra_plugins=[("copycat", _module_with(tunestack_register_methods=tunestack_register_methods))])
     assert "already provided by plugin 'echo'" in host.plugin("copycat").error
@@ -151,7 +166,10 @@ def test_misspelled_hook_implementation_is_reported():
 
 
 def test_plugins_json_lists_builtins_test_double_and_broken(monkeypatch, cli):
-    _with_entry_points(monkeypatch, [FakeEntryPoint("broken", "broken_plugin", FakeDist("tunestack-broken", "2.0"), _broken_import)])
+    _with_entry_points(
+        monkeypatch,
+        [FakeEntryPoint("broken", "broken_plugin", FakeDist("tunestack-broken", "2.0"), _broken_import)],
+    )
     result = cli("plugins", "--json")
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.stdout)}

@@ -31,15 +31,25 @@ def test_single_stage_run_writes_a_complete_run_folder(run_stack, make_stack):
     result = run_stack(make_stack(methods=[{"method": "echo", "metric": 0.5}], epochs=3))
     run_dir = result.run_dir
     assert result.status == "complete"
-    for name in ("manifest.json", "metrics.json", "log.jsonl", "stack.resolved.toml", "model/config.json",
-                 "model/model.safetensors", "model/tunestack.json", "model/tokenizer.json"):
+    for name in (
+        "manifest.json",
+        "metrics.json",
+        "log.jsonl",
+        "stack.resolved.toml",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tunestack.json",
+        "model/tokenizer.json",
+    ):
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.rglob("*.bin")) and not list(run_dir.rglob("*.pkl"))
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["seed"] == 0
     assert {d["split"] for d in manifest["data"]} == {"train", "eval"} and len(manifest["data"][0]["sha256"]) == 64
     method = manifest["stages"][0]["methods"][0]
-    assert method["method"] == "echo" and method["distribution"] == "tunestack-echo" and method["options"]["metric"] == 0.5
+    assert (
+        method["method"] == "echo" and method["distribution"] == "tunestack-echo" and method["options"]["metric"] == 0.5
+    )
     assert method["reports"] == {"prepared": True}
     assert manifest["environment"]["libraries"]["torch"]
     metrics = result.metrics
@@ -67,10 +77,12 @@ def test_reload_reproduces_outputs(run_stack, make_stack, tiny_data):
 
 
 def test_two_stage_stack_feeds_and_records_each_stage(run_stack, make_stack, calls):
-    stack = make_stack(stages=[
-        {"name": "adapt", "stack": [{"method": "echo", "tag": "a", "transform": True}]},
-        {"name": "shrink", "epochs": 0, "stack": [{"method": "echo", "tag": "b", "transform": True}]},
-    ])
+    stack = make_stack(
+        stages=[
+            {"name": "adapt", "stack": [{"method": "echo", "tag": "a", "transform": True}]},
+            {"name": "shrink", "epochs": 0, "stack": [{"method": "echo", "tag": "b", "transform": True}]},
+        ]
+    )
     result = run_stack(stack)
     assert [s["name"] for s in result.stages] == ["adapt", "shrink"]
     assert result.stages[1]["training"] is None
@@ -106,11 +118,19 @@ def test_failing_evaluate_plugin_is_isolated(run_stack, make_stack):
 
 
 def test_gate_failure_keeps_previous_stage(run_stack, make_stack):
-    stack = make_stack(stages=[
-        {"name": "train", "stack": [{"method": "echo", "tag": "t"}]},
-        {"name": "hurt", "epochs": 1, "learning_rate": 5.0, "gate": {"metric": "accuracy", "min_retention": 0.99},
-         "stack": [{"method": "echo", "tag": "h"}]},
-    ], train={"epochs": 3})
+    stack = make_stack(
+        stages=[
+            {"name": "train", "stack": [{"method": "echo", "tag": "t"}]},
+            {
+                "name": "hurt",
+                "epochs": 1,
+                "learning_rate": 5.0,
+                "gate": {"metric": "accuracy", "min_retention": 0.99},
+                "stack": [{"method": "echo", "tag": "h"}],
+            },
+        ],
+        train={"epochs": 3},
+    )
     with pytest.raises(GateFailed) as caught:
         run_stack(stack)
     result = caught.value.result
@@ -148,7 +168,10 @@ def _start(stack_file: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "tunestack", "run", str(stack_file), "--out", str(out), "--quiet", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
 
 
@@ -176,9 +199,20 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, make_stack, how):
     stack_file = tmp_path / "stack.toml"
     stack_file.write_text(dump_toml(stack), encoding="utf-8")
 
-    reference = subprocess.run(
-        [sys.executable, "-m", "tunestack", "run", str(stack_file), "--out", str(tmp_path / "ref"), "--quiet"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    reference = subprocess.run(  # noqa: PLW1510 (the return code is asserted)
+        [
+            sys.executable,
+            "-m",
+            "tunestack",
+            "run",
+            str(stack_file),
+            "--out",
+            str(tmp_path / "ref"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert reference.returncode == 0, reference.stderr
 
@@ -194,9 +228,10 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, make_stack, how):
     if how != "SIGKILL":
         assert process.returncode == 130 and "--resume" in stderr and "Traceback" not in stderr
 
-    refused = subprocess.run(
+    refused = subprocess.run(  # noqa: PLW1510 (the return code is asserted)
         [sys.executable, "-m", "tunestack", "run", str(stack_file), "--out", str(out), "--quiet"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert refused.returncode == 2 and "--resume" in refused.stderr
 
@@ -207,7 +242,9 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, make_stack, how):
     assert done["stages"][0]["training"]["resumed_from_step"] > 0
     ref = json.loads((tmp_path / "ref" / "tiny" / "manifest.json").read_text())
     assert done["stages"][0]["metrics"]["accuracy"] == ref["stages"][0]["metrics"]["accuracy"]
-    assert done["stages"][0]["training"]["final_loss"] == pytest.approx(ref["stages"][0]["training"]["final_loss"], abs=1e-6)
+    assert done["stages"][0]["training"]["final_loss"] == pytest.approx(
+        ref["stages"][0]["training"]["final_loss"], abs=1e-6
+    )
     a, b = tunestack.load(out / "tiny"), tunestack.load(tmp_path / "ref" / "tiny")
     batch = a.tokenizer(["the film was great"], return_tensors="pt")
     with torch.no_grad():

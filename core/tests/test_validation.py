@@ -59,14 +59,22 @@ def test_cli_validate_exit_2_and_no_traceback(tmp_path, cli):
 
 
 def test_valid_stack_validates(tmp_path, cli, tiny_data):
-    path = write(tmp_path, f"""
+    path = write(
+        tmp_path,
+        f"""
         [model]
-        config = {{ model_type = "bert", hidden_size = 32, num_hidden_layers = 1, num_attention_heads = 2, intermediate_size = 32 }}
+        [model.config]
+        model_type = "bert"
+        hidden_size = 32
+        num_hidden_layers = 1
+        num_attention_heads = 2
+        intermediate_size = 32
         [data]
         train = "{tiny_data.sentiment_train}"
         [[stack]]
         method = "echo"
-    """)
+    """,
+    )
     result = cli("validate", str(path))
     assert result.exit_code == 0, result.output
     assert "valid (1 stage(s), 1 method(s))" in result.output
@@ -79,10 +87,12 @@ def test_toml_syntax_error_has_line_and_column(tmp_path, plugin_host):
 
 
 def test_method_option_errors_have_the_method_path(tmp_path, plugin_host, make_stack):
-    stack = make_stack(stages=[
-        {"name": "one", "stack": [{"method": "echo", "scale_loss": "x"}]},
-        {"name": "two", "stack": [{"method": "echo", "tagg": "y"}, {"tag": "no method"}]},
-    ])
+    stack = make_stack(
+        stages=[
+            {"name": "one", "stack": [{"method": "echo", "scale_loss": "x"}]},
+            {"name": "two", "stack": [{"method": "echo", "tagg": "y"}, {"tag": "no method"}]},
+        ]
+    )
     found = problems_of(stack, plugin_host)
     assert any(p.startswith("stage[0].stack[0].scale_loss:") for p in found)
     assert "stage[1].stack[0].tagg: unknown key; did you mean 'tag'?" in found
@@ -93,7 +103,8 @@ def test_requires_is_checked(plugin_host, make_stack):
     stack = make_stack(requires=["tunestack-echo>=99", "tunestack-nonexistent"])
     found = problems_of(stack, plugin_host)
     assert found == [
-        "requires: missing required plugins: tunestack-echo>=99 (installed: 0.1.0), tunestack-nonexistent (not installed)"
+        "requires: missing required plugins: tunestack-echo>=99 (installed: 0.1.0), "
+        "tunestack-nonexistent (not installed)"
     ]
 
 
@@ -103,28 +114,48 @@ def test_missing_data_file_is_reported(plugin_host, make_stack, tmp_path):
 
 
 def test_impossible_order_is_rejected_with_reason(plugin_host, make_stack):
-    stack = make_stack(methods=[
-        {"method": "echo", "tag": "int8-like", "produces": ["quantized"], "removes": ["float-weights"],
-         "forbids_after": ["structural"]},
-        {"method": "echo", "tag": "prune-like", "requires": ["float-weights"], "produces": ["structural"]},
-    ])
+    stack = make_stack(
+        methods=[
+            {
+                "method": "echo",
+                "tag": "int8-like",
+                "produces": ["quantized"],
+                "removes": ["float-weights"],
+                "forbids_after": ["structural"],
+            },
+            {
+                "method": "echo",
+                "tag": "prune-like",
+                "requires": ["float-weights"],
+                "produces": ["structural"],
+            },
+        ]
+    )
     found = problems_of(stack, plugin_host)
     assert "stack[1]: 'echo' needs 'float-weights', but 'echo' (stack[0]) removed it" in found
-    assert any("cannot follow 'echo' (stack[0]): nothing 'structural' may come after it (echo says so)" in p for p in found)
+    assert any(
+        "cannot follow 'echo' (stack[0]): nothing 'structural' may come after it (echo says so)" in p for p in found
+    )
 
 
 def test_contracts_flow_across_stages(plugin_host, make_stack):
-    stack = make_stack(stages=[
-        {"name": "adapt", "stack": [{"method": "echo", "produces": ["adapters"]}]},
-        {"name": "shrink", "stack": [{"method": "echo", "conflicts": ["adapters"]}]},
-    ])
+    stack = make_stack(
+        stages=[
+            {"name": "adapt", "stack": [{"method": "echo", "produces": ["adapters"]}]},
+            {"name": "shrink", "stack": [{"method": "echo", "conflicts": ["adapters"]}]},
+        ]
+    )
     found = problems_of(stack, plugin_host)
-    assert found == ["stage[1].stack[0]: 'echo' cannot run on a model that is 'adapters'; 'echo' (stage[0].stack[0]) made it so"]
+    assert found == [
+        "stage[1].stack[0]: 'echo' cannot run on a model that is 'adapters'; 'echo' (stage[0].stack[0]) made it so"
+    ]
 
 
 def test_train_only_method_in_a_stage_without_training(plugin_host, make_stack):
     stack = make_stack(stages=[{"name": "zero", "epochs": 0, "stack": [{"method": "echo", "phases": ["train"]}]}])
-    assert problems_of(stack, plugin_host) == ["stage[0].stack[0]: 'echo' only acts while training, but stage[0] has epochs = 0"]
+    assert problems_of(stack, plugin_host) == [
+        "stage[0].stack[0]: 'echo' only acts while training, but stage[0] has epochs = 0"
+    ]
 
 
 def test_method_validation_hook_reports_problems(plugin_host, make_stack):
@@ -186,17 +217,20 @@ def test_key_paths():
 
 
 def test_validate_does_not_import_torch(tmp_path, tiny_data):
-    path = write(tmp_path, f"""
+    path = write(
+        tmp_path,
+        f"""
         [model]
         source = "minilm"
         [data]
         train = "{tiny_data.sentiment_train}"
         [[stack]]
         method = "echo"
-    """)
+    """,
+    )
     code = (
-        "import sys\nfrom tunestack.cli import main\nsys.argv=['tunestack','validate',%r]\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\nprint('TORCH', 'torch' in sys.modules)" % str(path)
+        f"import sys\nfrom tunestack.cli import main\nsys.argv=['tunestack','validate',{str(path)!r}]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\nprint('TORCH', 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "valid" in out.stdout and "TORCH False" in out.stdout, out.stdout + out.stderr

@@ -13,11 +13,11 @@ from tunestack.context import (
     ExampleList,
     ModelHandle,
     PlannedMethod,
-    Stash,
-    StashKey,
     StageContext,
     StageData,
     StagePlan,
+    Stash,
+    StashKey,
     StepContext,
     StepOutput,
     TransformRecord,
@@ -26,6 +26,7 @@ from tunestack.context import (
 from tunestack.data import Example
 from tunestack.errors import DataError, ModelError, PluginError, Problem, RunFailed, UserError
 from tunestack.hookspecs import hookimpl
+from tunestack.methods import KNOWN_TAGS, PHASES, Contract, Method, MethodSpec, Options, Phase, Slot, TaskSpec
 from tunestack.modelparts import (
     Layers,
     count_trainable,
@@ -34,7 +35,6 @@ from tunestack.modelparts import (
     layer_of,
     transformer_layers,
 )
-from tunestack.methods import KNOWN_TAGS, PHASES, Contract, Method, MethodSpec, Options, Phase, Slot, TaskSpec
 from tunestack.saving import Saved
 
 __all__ = [

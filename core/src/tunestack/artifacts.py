@@ -96,7 +96,9 @@ def read_meta(folder: Path) -> dict[str, Any]:
     except json.JSONDecodeError as error:
         raise ModelError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-        raise ModelError(f"{path}: unsupported model folder format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        raise ModelError(
+            f"{path}: unsupported model folder format {meta.get('format') if isinstance(meta, dict) else meta!r}"
+        )
     return meta
 
 
@@ -115,7 +117,9 @@ def load_model(folder: Path, host: PluginHost, trust_remote_code: bool | None = 
     for record in records:
         instance = instantiate(record, host)
         try:
-            model = host.scoped_hook(instance).tunestack_rebuild(model=model, folder=folder / record.folder, record=record)
+            model = host.scoped_hook(instance).tunestack_rebuild(
+                model=model, folder=folder / record.folder, record=record
+            )
         except Exception as error:
             raise PluginError(
                 f"{culprit(host, error, [instance])} could not rebuild '{record.method}' ({record.slot.path}) from "

@@ -35,10 +35,10 @@ class Stash:
         self._items[key] = value
 
     def __getitem__(self, key: StashKey[T]) -> T:
-        return self._items[key]  # type: ignore[no-any-return]
+        return self._items[key]  # type: ignore[no-any-return,unused-ignore]
 
     def get(self, key: StashKey[T], default: T) -> T:
-        return self._items.get(key, default)  # type: ignore[no-any-return]
+        return self._items.get(key, default)  # type: ignore[no-any-return,unused-ignore]
 
     def __contains__(self, key: object) -> bool:
         return key in self._items
@@ -211,11 +211,9 @@ class StageData:
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Tokenised, padded batches of a split, shuffled by ``seed`` (0 keeps file order)."""
         examples = self.examples(split)
-        count = 0
-        for batch in self._make_batches(examples, batch_size or self.batch_size, seed != 0, seed):
+        for count, batch in enumerate(self._make_batches(examples, batch_size or self.batch_size, seed != 0, seed)):
             if limit is not None and count >= limit:
                 return
-            count += 1
             yield batch
 
 

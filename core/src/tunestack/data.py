@@ -15,7 +15,14 @@ from typing import Any
 
 from tunestack.errors import DataError
 
-FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".conll": "conll", ".txt": "conll"}
+FORMATS = {
+    ".tsv": "tsv",
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".conll": "conll",
+    ".txt": "conll",
+}
 
 
 @dataclass
@@ -79,9 +86,10 @@ def read_records(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
         return
     if fmt not in {"tsv", "csv"}:
         raise DataError(f"{path}: format '{fmt}' holds no table rows")
-    delimiter = "\t" if fmt == "tsv" else ","
-    quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
+    if fmt == "tsv":  # GLUE-style TSV has no quoting
+        reader = csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(io.StringIO(text))
     try:
         header = next(reader)
     except StopIteration:
@@ -92,9 +100,7 @@ def read_records(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if len(row) != len(header):
-            raise DataError(
-                f"{path}:{number}: expected {len(header)} columns ({', '.join(header)}), got {len(row)}"
-            )
+            raise DataError(f"{path}:{number}: expected {len(header)} columns ({', '.join(header)}), got {len(row)}")
         yield number, dict(zip(header, row))
 
 

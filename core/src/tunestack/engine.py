@@ -49,7 +49,7 @@ class InterruptFlag:
 
     @contextmanager
     def installed(self) -> Iterator[InterruptFlag]:
-        previous: dict[int, Any] = {}
+        previous: dict[signal.Signals, Any] = {}
 
         def handler(signum: int, frame: Any) -> None:
             if self.signal is not None:
@@ -116,7 +116,9 @@ def train(
     checkpoint = stage_dir / CHECKPOINT_DIR
     step, start_epoch, skip_micro = 0, 0, 0
     if resume and (checkpoint / "progress.json").is_file():
-        step, start_epoch, skip_micro = _load_checkpoint(checkpoint, accelerator.unwrap_model(prepared_model), ctx, optimizer)
+        step, start_epoch, skip_micro = _load_checkpoint(
+            checkpoint, accelerator.unwrap_model(prepared_model), ctx, optimizer
+        )
         for _ in range(step):
             scheduler.step()
         log.event("resume", stage=ctx.stage.name, step=step, epoch=start_epoch)
@@ -168,7 +170,12 @@ def train(
                     bar.update(1)
                     bar.set_postfix(loss=f"{last_loss:.4f}")
                 if step % settings.log_every == 0 or step == total_steps:
-                    entry = {"step": step, "epoch": epoch, "loss": last_loss, "lr": scheduler.get_last_lr()[0]}
+                    entry = {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": last_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                    }
                     entry.update(output.logs)
                     history.append(entry)
                     log.event("train", stage=ctx.stage.name, **entry)
@@ -177,8 +184,14 @@ def train(
                 if flag.signal is not None or periodic or (at_epoch_end and settings.checkpoint_every is None):
                     next_epoch, next_micro = (epoch + 1, 0) if at_epoch_end else (epoch, micro + 1)
                     _save_checkpoint(
-                        checkpoint, accelerator, accelerator.unwrap_model(prepared_model), ctx, optimizer,
-                        step, next_epoch, next_micro,
+                        checkpoint,
+                        accelerator,
+                        accelerator.unwrap_model(prepared_model),
+                        ctx,
+                        optimizer,
+                        step,
+                        next_epoch,
+                        next_micro,
                     )
                 if flag.signal is not None:
                     name = signal.Signals(flag.signal).name
@@ -236,8 +249,10 @@ def _check_finite(loss: Any, accelerator: Any, step: int, epoch: int, ctx: Stage
         flag = torch.tensor([1.0 if bad else 0.0], device=accelerator.device)
         bad = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
     if bad:
-        kept = f"the last good checkpoint is kept in {checkpoint}" if (checkpoint / "progress.json").exists() else (
-            "no checkpoint had been written yet"
+        kept = (
+            f"the last good checkpoint is kept in {checkpoint}"
+            if (checkpoint / "progress.json").exists()
+            else ("no checkpoint had been written yet")
         )
         raise RunFailed(
             f"the loss became {float(loss.detach())} at step {step} (epoch {epoch}) of stage '{ctx.stage.name}'; "
@@ -246,7 +261,14 @@ def _check_finite(loss: Any, accelerator: Any, step: int, epoch: int, ctx: Stage
 
 
 def _save_checkpoint(
-    folder: Path, accelerator: Any, model: Any, ctx: StageContext, optimizer: Any, step: int, epoch: int, micro: int
+    folder: Path,
+    accelerator: Any,
+    model: Any,
+    ctx: StageContext,
+    optimizer: Any,
+    step: int,
+    epoch: int,
+    micro: int,
 ) -> None:
     """Atomically replace the stage checkpoint: trainable tensors, optimizer, RNG, position."""
     accelerator.wait_for_everyone()

@@ -256,6 +256,7 @@ def tunestack_save(model: Any, folder: Path, record: TransformRecord) -> Saved:
 
     .. versionadded:: 0.1
     """
+    raise NotImplementedError
 
 
 @hookspec(firstresult=True)

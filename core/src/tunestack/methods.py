@@ -53,9 +53,7 @@ class Contract(BaseModel):
     conflicts: frozenset[str] = Field(default=frozenset(), description="tags that must not hold before it")
     produces: frozenset[str] = Field(default=frozenset(), description="tags that hold after it")
     removes: frozenset[str] = Field(default=frozenset(), description="tags it clears")
-    forbids_after: frozenset[str] = Field(
-        default=frozenset(), description="tags no later method may produce"
-    )
+    forbids_after: frozenset[str] = Field(default=frozenset(), description="tags no later method may produce")
     reasons: dict[str, str] = Field(default_factory=dict, description="why, per tag, for error messages")
 
     def apply(self, tags: frozenset[str]) -> frozenset[str]:
@@ -85,10 +83,10 @@ class Slot:
         return f"s{self.stage_index}-{self.index}-{self.method}"
 
 
-O = TypeVar("O", bound=Options)
+OptionsT = TypeVar("OptionsT", bound=Options)
 
 
-class Method(Generic[O]):
+class Method(Generic[OptionsT]):
     """Convenient base for a method's hook object: one instance per stack entry.
 
     Core registers the instance with the plugin manager while its stage runs, so hook
@@ -98,7 +96,7 @@ class Method(Generic[O]):
 
     name: ClassVar[str] = ""
 
-    def __init__(self, options: O, slot: Slot) -> None:
+    def __init__(self, options: OptionsT, slot: Slot) -> None:
         self.options = options
         self.slot = slot
 

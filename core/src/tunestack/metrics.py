@@ -28,13 +28,23 @@ def per_label_report(gold: Sequence[str], pred: Sequence[str], labels: Sequence[
         tp = correct[name]
         precision = tp / predicted[name] if predicted[name] else 0.0
         recall = tp / support[name] if support[name] else 0.0
-        rows[name] = {"precision": precision, "recall": recall, "f1": _f1(precision, recall), "support": support[name]}
+        rows[name] = {
+            "precision": precision,
+            "recall": recall,
+            "f1": _f1(precision, recall),
+            "support": support[name],
+        }
     total = sum(support[n] for n in names)
     tp_all = sum(correct[n] for n in names)
     pred_all = sum(predicted[n] for n in names)
     micro_p = tp_all / pred_all if pred_all else 0.0
     micro_r = tp_all / total if total else 0.0
-    rows["micro avg"] = {"precision": micro_p, "recall": micro_r, "f1": _f1(micro_p, micro_r), "support": total}
+    rows["micro avg"] = {
+        "precision": micro_p,
+        "recall": micro_r,
+        "f1": _f1(micro_p, micro_r),
+        "support": total,
+    }
     present = [rows[n] for n in names]
     if present:
         rows["macro avg"] = {

@@ -126,7 +126,9 @@ def load_pretrained(
     if mismatched:
         raise ModelError(f"{where}: weights do not fit the config: {_sample([str(m) for m in mismatched])}")
     if folder.exists() and allowed_missing is not None:
-        unexpected_missing = {k for k in missing if k not in set(allowed_missing)} - _head_keys(model, class_name, where)
+        unexpected_missing = {k for k in missing if k not in set(allowed_missing)} - _head_keys(
+            model, class_name, where
+        )
         if unexpected_missing:
             raise ModelError(f"{where}: weights missing from the folder: {_sample(sorted(unexpected_missing))}")
     return model

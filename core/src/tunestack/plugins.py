@@ -73,7 +73,7 @@ def create_plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     if os.environ.get(TRACE_ENV):
-        pm.trace.root.setwriter(lambda text: sys.stderr.write(text))
+        pm.trace.root.setwriter(sys.stderr.write)
         pm.enable_tracing()
     return pm
 

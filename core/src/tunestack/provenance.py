@@ -11,8 +11,19 @@ from pathlib import Path
 from typing import Any
 
 LIBRARIES = (
-    "tunestack", "torch", "transformers", "accelerate", "peft", "torch-pruning", "neural-compressor", "torchao",
-    "safetensors", "tokenizers", "pluggy", "pydantic", "seqeval",
+    "tunestack",
+    "torch",
+    "transformers",
+    "accelerate",
+    "peft",
+    "torch-pruning",
+    "neural-compressor",
+    "torchao",
+    "safetensors",
+    "tokenizers",
+    "pluggy",
+    "pydantic",
+    "seqeval",
 )
 
 

@@ -3,6 +3,7 @@ atomic rename when it ends. A finished run is never overwritten without ``force`
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import shutil
@@ -55,10 +56,9 @@ class RunFolder:
     def mark_incomplete(self, reason: str) -> None:
         if not self.main or not self.partial.exists():
             return
-        try:
-            (self.partial / INCOMPLETE).write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {reason}\n", encoding="utf-8")
-        except OSError:
-            pass
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        with contextlib.suppress(OSError):
+            (self.partial / INCOMPLETE).write_text(f"{stamp} {reason}\n", encoding="utf-8")
 
     def write_json(self, name: str, data: Any) -> None:
         if not self.main:

@@ -164,10 +164,14 @@ class Runner:
             examples = self.task.read(path, settings)
             from tunestack.provenance import sha256
 
-            self.data_files.append({"split": split, "path": str(path), "sha256": sha256(path), "examples": len(examples)})
+            self.data_files.append(
+                {"split": split, "path": str(path), "sha256": sha256(path), "examples": len(examples)}
+            )
             if split == "train":
                 if settings.max_train_examples and len(examples) > settings.max_train_examples:
-                    keep = sorted(random.Random(self.stack.seed).sample(range(len(examples)), settings.max_train_examples))
+                    keep = sorted(
+                        random.Random(self.stack.seed).sample(range(len(examples)), settings.max_train_examples)
+                    )
                     examples = [examples[i] for i in keep]
                 self.train_examples = examples
             else:
@@ -271,13 +275,26 @@ class Runner:
             trained: engine.TrainResult | None = None
             truncated = 0
             if stage.trains:
-                encoded = handle.task.encode(data.train_examples, handle.tokenizer, handle.labels, self.stack.data.max_length)
+                encoded = handle.task.encode(
+                    data.train_examples, handle.tokenizer, handle.labels, self.stack.data.max_length
+                )
                 truncated = encoded.truncated
                 if truncated:
-                    self.log.event("truncated", stage=stage.name, examples=truncated, max_length=self.stack.data.max_length)
+                    self.log.event(
+                        "truncated",
+                        stage=stage.name,
+                        examples=truncated,
+                        max_length=self.stack.data.max_length,
+                    )
                 trained = engine.train(
-                    handle, ctx, encoded.features, self.host.hook, stage_dir, self.log,
-                    resume=self.resume, progress=self.progress,
+                    handle,
+                    ctx,
+                    encoded.features,
+                    self.host.hook,
+                    stage_dir,
+                    self.log,
+                    resume=self.resume,
+                    progress=self.progress,
                 )
             self._call("tunestack_compress", stage, model=handle, ctx=ctx)
             handle.tags = stage.tags_after
@@ -308,7 +325,12 @@ class Runner:
         return record, reloaded
 
     def _transform(
-        self, handle: ModelHandle, examples: list[Example], split: str, ctx: StageContext | None, stage_only: bool = True
+        self,
+        handle: ModelHandle,
+        examples: list[Example],
+        split: str,
+        ctx: StageContext | None,
+        stage_only: bool = True,
     ) -> list[Example]:
         """Apply the input model's recorded transforms, then (during a stage) the stage's methods."""
         from tunestack.artifacts import instantiate
@@ -350,7 +372,9 @@ class Runner:
         probe = None
         reference = None
         if probe_examples and self.stack.eval.verify_reload:
-            features = handle.task.encode(probe_examples, handle.tokenizer, handle.labels, self.stack.data.max_length).features
+            features = handle.task.encode(
+                probe_examples, handle.tokenizer, handle.labels, self.stack.data.max_length
+            ).features
             probe = handle.task.collate(features, handle.tokenizer)
             reference = handle.task.outputs(handle.model, probe)
         target = stage_dir / "model"
@@ -372,8 +396,10 @@ class Runner:
         if probe is not None and reference is not None:
             got = handle.task.outputs(reloaded.model, probe)
             if got.shape != reference.shape:
-                raise RunFailed(f"stage '{stage.name}': the reloaded model gives outputs of shape {tuple(got.shape)}, "
-                                f"not {tuple(reference.shape)}")
+                raise RunFailed(
+                    f"stage '{stage.name}': the reloaded model gives outputs of shape {tuple(got.shape)}, "
+                    f"not {tuple(reference.shape)}"
+                )
             diff = float((got - reference).abs().max()) if reference.numel() else 0.0
             if not torch.isfinite(torch.tensor(diff)) or diff > RELOAD_TOLERANCE:
                 raise RunFailed(
@@ -405,7 +431,11 @@ class Runner:
         return evaluate_handle(self.host, handle, ctx, stage)
 
     def _gate(
-        self, stage: StagePlan, metrics: dict[str, Any], previous: dict[str, Any] | None, baseline: dict[str, Any] | None
+        self,
+        stage: StagePlan,
+        metrics: dict[str, Any],
+        previous: dict[str, Any] | None,
+        baseline: dict[str, Any] | None,
     ) -> dict[str, Any] | None:
         gate = stage.gate
         if gate is None:
@@ -417,7 +447,9 @@ class Runner:
             )
         value = float(metrics[gate.metric])
         reference_metrics = previous["metrics"] if previous is not None else baseline
-        reference = float(reference_metrics[gate.metric]) if reference_metrics and gate.metric in reference_metrics else None
+        reference = (
+            float(reference_metrics[gate.metric]) if reference_metrics and gate.metric in reference_metrics else None
+        )
         retention = None
         passed = True
         if gate.min_retention is not None and reference is not None:
@@ -429,8 +461,13 @@ class Runner:
         if gate.min_value is not None:
             passed = passed and (value >= gate.min_value if gate.higher_is_better else value <= gate.min_value)
         result = {
-            "metric": gate.metric, "value": value, "reference": reference, "retention": retention,
-            "min_retention": gate.min_retention, "min_value": gate.min_value, "passed": passed,
+            "metric": gate.metric,
+            "value": value,
+            "reference": reference,
+            "retention": retention,
+            "min_retention": gate.min_retention,
+            "min_value": gate.min_value,
+            "passed": passed,
         }
         self.log.event("gate", stage=stage.name, **result)
         return result
@@ -460,8 +497,9 @@ class Runner:
         except TunestackError:
             raise
         except Exception as error:
+            who = culprit(self.host, error, [m.instance for m in stage.methods])
             raise PluginError(
-                f"{culprit(self.host, error, [m.instance for m in stage.methods])} failed in {name} (stage '{stage.name}'): {type(error).__name__}: {error}"
+                f"{who} failed in {name} (stage '{stage.name}'): {type(error).__name__}: {error}"
             ) from error
 
     # -- the end -----------------------------------------------------------------------------
@@ -487,7 +525,10 @@ class Runner:
             if target.exists():
                 shutil.rmtree(target)
             shutil.copytree(source, target)
-        metrics = {"final": final["metrics"] if final else {}, "stages": {r["name"]: r["metrics"] for r in records}}
+        metrics = {
+            "final": final["metrics"] if final else {},
+            "stages": {r["name"]: r["metrics"] for r in records},
+        }
         manifest = {
             "format": 1,
             "tunestack": __version__,
@@ -535,8 +576,10 @@ class GateFailed(RunFailed):
         self.result = result
         kept = result.manifest.get("final_stage")
         retention = gate.get("retention")
-        detail = f"retention {retention:.4f} < {gate['min_retention']}" if retention is not None else (
-            f"{gate['value']:.4f} below {gate['min_value']}"
+        detail = (
+            f"retention {retention:.4f} < {gate['min_retention']}"
+            if retention is not None
+            else (f"{gate['value']:.4f} below {gate['min_value']}")
         )
         super().__init__(
             f"stage '{stage}' failed its gate on {gate['metric']} ({detail}); "
@@ -544,7 +587,9 @@ class GateFailed(RunFailed):
         )
 
 
-def evaluate_handle(host: PluginHost, handle: ModelHandle, ctx: EvalContext, stage: StagePlan | None = None) -> dict[str, Any]:
+def evaluate_handle(
+    host: PluginHost, handle: ModelHandle, ctx: EvalContext, stage: StagePlan | None = None
+) -> dict[str, Any]:
     """Call every ``tunestack_evaluate`` implementation on its own and merge their metrics.
 
     Plugin modules' keys stay as they are; method instances' keys are prefixed with their slot

@@ -7,18 +7,13 @@ validates them in :mod:`tunestack.validation`.
 from __future__ import annotations
 
 import re
-import sys
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tunestack.errors import Problem, StackError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 DEFAULT_MODEL = "minilm"
 
@@ -42,7 +37,7 @@ class ModelSettings(Section):
     @model_validator(mode="after")
     def _config_has_type(self) -> ModelSettings:
         if self.config is not None and "model_type" not in self.config:
-            raise ValueError("model.config needs a 'model_type' key (e.g. \"bert\", \"gpt2\", \"llama\")")
+            raise ValueError('model.config needs a \'model_type\' key (e.g. "bert", "gpt2", "llama")')
         return self
 
 
@@ -210,7 +205,9 @@ def read_stack_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise StackError([Problem("", f"{path} is not UTF-8 text ({error.reason} at byte {error.start})")], str(path)) from None
+        raise StackError(
+            [Problem("", f"{path} is not UTF-8 text ({error.reason} at byte {error.start})")], str(path)
+        ) from None
     return parse_toml(text, str(path))
 
 

@@ -79,7 +79,8 @@ class Task:
             fill = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE}[key]
             side = getattr(tokenizer, "padding_side", "right")
             padded = [
-                (v + [fill] * (longest - len(v))) if side == "right" else ([fill] * (longest - len(v)) + v) for v in values
+                (v + [fill] * (longest - len(v))) if side == "right" else ([fill] * (longest - len(v)) + v)
+                for v in values
             ]
             batch[key] = torch.tensor(padded, dtype=torch.long)
         return batch
@@ -102,13 +103,24 @@ class Task:
         return model(**self.model_inputs(batch)).logits.float()
 
     def evaluate(
-        self, model: Any, examples: Sequence[Example], tokenizer: Any, labels: Sequence[str], max_length: int,
-        batch_size: int, device: Any,
+        self,
+        model: Any,
+        examples: Sequence[Example],
+        tokenizer: Any,
+        labels: Sequence[str],
+        max_length: int,
+        batch_size: int,
+        device: Any,
     ) -> dict[str, Any]:
         raise NotImplementedError
 
     def predict(
-        self, model: Any, examples: Sequence[Example], tokenizer: Any, labels: Sequence[str], max_length: int,
+        self,
+        model: Any,
+        examples: Sequence[Example],
+        tokenizer: Any,
+        labels: Sequence[str],
+        max_length: int,
         batch_size: int = 32,
     ) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -130,7 +142,9 @@ class SequenceClassification(Task):
     def read(self, path: Path, settings: DataSettings) -> list[Example]:
         fmt = detect_format(path, settings.format)
         if fmt == "conll":
-            raise DataError(f"{path}: CoNLL column files hold token tags; sequence classification needs .tsv/.csv/.jsonl")
+            raise DataError(
+                f"{path}: CoNLL column files hold token tags; sequence classification needs .tsv/.csv/.jsonl"
+            )
         fields = settings.text_fields
         examples = []
         for number, record in read_records(path, fmt):
@@ -175,8 +189,14 @@ class SequenceClassification(Task):
         return Encoded(features, truncated)
 
     def evaluate(
-        self, model: Any, examples: Sequence[Example], tokenizer: Any, labels: Sequence[str], max_length: int,
-        batch_size: int, device: Any,
+        self,
+        model: Any,
+        examples: Sequence[Example],
+        tokenizer: Any,
+        labels: Sequence[str],
+        max_length: int,
+        batch_size: int,
+        device: Any,
     ) -> dict[str, Any]:
         encoded = self.encode(examples, tokenizer, labels, max_length)
         preds: list[str] = []
@@ -193,7 +213,12 @@ class SequenceClassification(Task):
         }
 
     def predict(
-        self, model: Any, examples: Sequence[Example], tokenizer: Any, labels: Sequence[str], max_length: int,
+        self,
+        model: Any,
+        examples: Sequence[Example],
+        tokenizer: Any,
+        labels: Sequence[str],
+        max_length: int,
         batch_size: int = 32,
     ) -> list[dict[str, Any]]:
         encoded = self.encode(examples, tokenizer, labels, max_length)
@@ -276,8 +301,14 @@ class TokenClassification(Task):
         return super().collate([{k: v for k, v in f.items() if k != "word_ids"} for f in features], tokenizer)
 
     def _word_predictions(
-        self, model: Any, examples: Sequence[Example], tokenizer: Any, labels: Sequence[str], max_length: int,
-        batch_size: int, device: Any,
+        self,
+        model: Any,
+        examples: Sequence[Example],
+        tokenizer: Any,
+        labels: Sequence[str],
+        max_length: int,
+        batch_size: int,
+        device: Any,
     ) -> tuple[list[list[str]], int]:
         encoded = self.encode(examples, tokenizer, labels, max_length)
         predictions: list[list[str]] = []
@@ -298,8 +329,14 @@ class TokenClassification(Task):
         return predictions, lost_words
 
     def evaluate(
-        self, model: Any, examples: Sequence[Example], tokenizer: Any, labels: Sequence[str], max_length: int,
-        batch_size: int, device: Any,
+        self,
+        model: Any,
+        examples: Sequence[Example],
+        tokenizer: Any,
+        labels: Sequence[str],
+        max_length: int,
+        batch_size: int,
+        device: Any,
     ) -> dict[str, Any]:
         from seqeval.metrics import classification_report as entity_report
 
@@ -316,8 +353,12 @@ class TokenClassification(Task):
             "entity_f1": float(micro["f1-score"]),
             "token_accuracy": accuracy(flat_gold, flat_pred),
             "entity_report": {
-                k: {"precision": float(v["precision"]), "recall": float(v["recall"]), "f1": float(v["f1-score"]),
-                    "support": int(v["support"])}
+                k: {
+                    "precision": float(v["precision"]),
+                    "recall": float(v["recall"]),
+                    "f1": float(v["f1-score"]),
+                    "support": int(v["support"]),
+                }
                 for k, v in entities.items()
             },
             "tag_report": per_label_report(flat_gold, flat_pred, tag_names),
@@ -327,7 +368,12 @@ class TokenClassification(Task):
         }
 
     def predict(
-        self, model: Any, examples: Sequence[Example], tokenizer: Any, labels: Sequence[str], max_length: int,
+        self,
+        model: Any,
+        examples: Sequence[Example],
+        tokenizer: Any,
+        labels: Sequence[str],
+        max_length: int,
         batch_size: int = 32,
     ) -> list[dict[str, Any]]:
         predictions, _ = self._word_predictions(model, examples, tokenizer, labels, max_length, batch_size, None)
@@ -389,8 +435,14 @@ class CausalLM(Task):
             return model(**self.model_inputs(batch)).logits.float()
 
     def evaluate(
-        self, model: Any, examples: Sequence[Example], tokenizer: Any, labels: Sequence[str], max_length: int,
-        batch_size: int, device: Any,
+        self,
+        model: Any,
+        examples: Sequence[Example],
+        tokenizer: Any,
+        labels: Sequence[str],
+        max_length: int,
+        batch_size: int,
+        device: Any,
     ) -> dict[str, Any]:
         encoded = self.encode(examples, tokenizer, labels, max_length)
         total_loss = 0.0
@@ -412,16 +464,32 @@ class CausalLM(Task):
         }
 
     def predict(
-        self, model: Any, examples: Sequence[Example], tokenizer: Any, labels: Sequence[str], max_length: int,
-        batch_size: int = 1, max_new_tokens: int = 20,
+        self,
+        model: Any,
+        examples: Sequence[Example],
+        tokenizer: Any,
+        labels: Sequence[str],
+        max_length: int,
+        batch_size: int = 1,
+        max_new_tokens: int = 20,
     ) -> list[dict[str, Any]]:
         results = []
         for ex in examples:
-            ids = tokenizer(ex.prompt or "", return_tensors="pt", add_special_tokens=False)["input_ids"][:, -max_length:]
+            ids = tokenizer(ex.prompt or "", return_tensors="pt", add_special_tokens=False)["input_ids"][
+                :, -max_length:
+            ]
             with torch.no_grad():
                 out = model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
                 )
-            results.append({"prompt": ex.prompt, "completion": tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)})
+            results.append(
+                {
+                    "prompt": ex.prompt,
+                    "completion": tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True),
+                }
+            )
         return results

@@ -81,7 +81,7 @@ def load_plan(
         default_name = source_path.stem
     problems = apply_overrides(raw, overrides or [])
     plan = plan_stack(raw, host, base, default_name, problems, source_path)
-    if plan is None or problems:
+    if problems:
         raise StackError(problems, label)
     return plan
 
@@ -93,15 +93,13 @@ def plan_stack(
     default_name: str,
     problems: list[Problem],
     source_path: Path | None = None,
-) -> StackPlan | None:
+) -> StackPlan:
     """Validate ``raw``; append problems to ``problems``; return a plan when the core schema held."""
     try:
         stack = StackFile.model_validate(raw)
     except ValidationError as error:
         problems.extend(pydantic_problems(error, StackFile, raw))
         stack = _salvage(raw)
-        if stack is None:
-            return None
     _check_requires(stack, problems)
     if stack.model.task not in host.tasks:
         problems.append(Problem("model.task", host.describe_unknown_task(stack.model.task)))
@@ -205,38 +203,18 @@ def _join(prefix: str, path: str) -> str:
     return f"{prefix}{path}" if path.startswith("[") else f"{prefix}.{path}"
 
 
-def _salvage(raw: dict[str, Any]) -> StackFile | None:
-    """Keep validating methods even when a core section is wrong, by dropping the broken sections."""
+def _salvage(raw: dict[str, Any]) -> StackFile:
+    """The core sections that are valid on their own, so methods still get checked."""
     clean: dict[str, Any] = {}
-    for key in ("stack", "stage"):
-        if isinstance(raw.get(key), list):
-            clean[key] = raw[key]
-    for key in ("model", "data", "train", "eval", "seed", "name", "requires"):
-        if key not in raw:
+    for key, value in raw.items():
+        if key in {"stack", "stage"}:
             continue
         try:
-            StackFile.model_validate({key: raw[key]})
-            clean[key] = raw[key]
+            StackFile.model_validate({key: value})
         except ValidationError:
-            pass
-    try:
-        return StackFile.model_validate(clean)
-    except ValidationError:
-        try:
-            stages = clean.pop("stage", None)
-            stack = StackFile.model_validate(clean)
-            if isinstance(stages, list):
-                good = []
-                for item in stages:
-                    try:
-                        good.append(StageSettings.model_validate(item))
-                    except ValidationError:
-                        good.append(None)
-                if all(s is not None for s in good):
-                    stack.stage = good  # type: ignore[assignment]
-            return stack
-        except ValidationError:
-            return None
+            continue
+        clean[key] = value
+    return StackFile.model_validate(clean)
 
 
 def _check_requires(stack: StackFile, problems: list[Problem]) -> None:
@@ -293,22 +271,31 @@ def _inspect_model(
         run_task = manifest.get("task")
         if run_task and run_task != stack.model.task:
             problems.append(
-                Problem("model.task", f"the run {source.path} was trained for '{run_task}', not '{stack.model.task}'")
+                Problem(
+                    "model.task",
+                    f"the run {source.path} was trained for '{run_task}', not '{stack.model.task}'",
+                )
             )
     return source, config, tags
 
 
 def _plan_stages(stack: StackFile, raw: dict[str, Any], host: PluginHost, problems: list[Problem]) -> list[StagePlan]:
-    stages: list[StagePlan] = []
-    if stack.stage is None:
-        entries = stack.stack or []
-        stages.append(_plan_stage(SINGLE_STAGE_NAME, 0, "", stack.train, entries, None, host, problems))
-        return stages
-    for index, stage in enumerate(stack.stage):
-        if stage is None:
+    """Plan every stage that passed the schema (the others were already reported)."""
+    raw_stages = raw.get("stage")
+    if not isinstance(raw_stages, list):
+        entries = (
+            [e for e in raw.get("stack") or [] if isinstance(e, dict)] if isinstance(raw.get("stack"), list) else []
+        )
+        return [_plan_stage(SINGLE_STAGE_NAME, 0, "", stack.train, entries, None, host, problems)]
+    stages = []
+    for index, item in enumerate(raw_stages):
+        try:
+            stage = StageSettings.model_validate(item)
+        except ValidationError:
             continue
+        path = f"stage[{index}]"
         stages.append(
-            _plan_stage(stage.name, index, f"stage[{index}]", stage.training(stack.train), stage.stack, stage.gate, host, problems)
+            _plan_stage(stage.name, index, path, stage.training(stack.train), stage.stack, stage.gate, host, problems)
         )
     return stages
 
@@ -368,7 +355,11 @@ def _check_contracts(stages: list[StagePlan], initial: frozenset[str], task: str
             where = method.slot.path
             if method.spec.tasks is not None and task not in method.spec.tasks:
                 problems.append(
-                    Problem(where, f"'{method.name}' does not support task '{task}' (it supports: {', '.join(sorted(method.spec.tasks))})")
+                    Problem(
+                        where,
+                        f"'{method.name}' does not support task '{task}' "
+                        f"(it supports: {', '.join(sorted(method.spec.tasks))})",
+                    )
                 )
             if "train" in contract.phases and not ({"prepare", "compress"} & contract.phases) and not stage.trains:
                 stage_label = stage.path or "this stack"
@@ -376,10 +367,19 @@ def _check_contracts(stages: list[StagePlan], initial: frozenset[str], task: str
                     Problem(where, f"'{method.name}' only acts while training, but {stage_label} has epochs = 0")
                 )
             for tag in sorted(contract.requires - tags):
-                problems.append(Problem(where, f"'{method.name}' needs '{tag}'{_why(contract, tag)}, but {_lost(tag, stages, method)}"))
+                problems.append(
+                    Problem(
+                        where,
+                        f"'{method.name}' needs '{tag}'{_why(contract, tag)}, but {_lost(tag, stages, method)}",
+                    )
+                )
             for tag in sorted(contract.conflicts & tags):
                 problems.append(
-                    Problem(where, f"'{method.name}' cannot run on a model that is '{tag}'{_why(contract, tag)}; {_origin(tag, stages, method)}")
+                    Problem(
+                        where,
+                        f"'{method.name}' cannot run on a model that is '{tag}'{_why(contract, tag)}; "
+                        + _origin(tag, stages, method),
+                    )
                 )
             for tag in sorted(contract.produces & set(forbidden)):
                 blocker = forbidden[tag]
@@ -387,8 +387,8 @@ def _check_contracts(stages: list[StagePlan], initial: frozenset[str], task: str
                 problems.append(
                     Problem(
                         where,
-                        f"'{method.name}' cannot follow '{blocker.name}' ({blocker.slot.path}): nothing '{tag}' may come after it"
-                        + (f" ({reason})" if reason else ""),
+                        f"'{method.name}' cannot follow '{blocker.name}' ({blocker.slot.path}): "
+                        f"nothing '{tag}' may come after it" + (f" ({reason})" if reason else ""),
                     )
                 )
             tags = contract.apply(tags)
@@ -403,7 +403,7 @@ def _why(contract: Contract, tag: str) -> str:
 
 
 def _earlier(stages: list[StagePlan], current: PlannedMethod) -> list[PlannedMethod]:
-    found = []
+    found: list[PlannedMethod] = []
     for stage in stages:
         for method in stage.methods:
             if method is current:

@@ -14,7 +14,11 @@ from tunestack.validation import load_plan
 def initial_model(family: str, labels=("negative", "positive")):
     """The model a tiny stack starts from (same seed, same config, same head)."""
     torch.manual_seed(0)
-    kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
+    kwargs = {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
     return build_from_config(tiny_model_config(family), "sequence-classification", kwargs)
 
 
@@ -60,7 +64,9 @@ def test_trainable_count_is_exact_and_only_unfrozen_weights_change(run_stack, ma
 def test_bitfit_trains_only_biases_and_head(run_stack, make_stack):
     model = initial_model("bert")
     result = run_stack(make_stack(methods=[{"method": "freeze", "bitfit": True}], epochs=2))
-    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias") and not n.startswith("classifier"))
+    biases = sum(
+        p.numel() for n, p in model.named_parameters() if n.endswith(".bias") and not n.startswith("classifier")
+    )
     head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("classifier"))
     assert result.metrics["params_trainable"] == biases + head
     moved = changed(model, tunestack.load(result.run_dir).model)

@@ -63,6 +63,12 @@ def tunestack_evaluate(model: ModelHandle, ctx: EvalContext) -> dict[str, Any] |
         return None
     return dict(
         ctx.task.evaluate(
-            model.model, ctx.examples, model.tokenizer, model.labels, ctx.max_length, ctx.settings.batch_size, ctx.device
+            model.model,
+            ctx.examples,
+            model.tokenizer,
+            model.labels,
+            ctx.max_length,
+            ctx.settings.batch_size,
+            ctx.device,
         )
     )

@@ -42,7 +42,8 @@ def explain_command(stack: Path, overrides: tuple[str, ...], as_json: bool) -> N
         training = (
             f"epochs={t.epochs} batch={t.batch_size}x{t.gradient_accumulation_steps} lr={t.learning_rate} "
             f"{t.scheduler} warmup={t.warmup_steps or t.warmup_ratio} precision={t.mixed_precision}"
-            if stage.trains else "no training (epochs = 0)"
+            if stage.trains
+            else "no training (epochs = 0)"
         )
         click.echo(f"\nstage {stage.index} '{stage.name}': {training}")
         click.echo(f"  tags before: {', '.join(sorted(stage.tags_before))}")
@@ -51,9 +52,16 @@ def explain_command(stack: Path, overrides: tuple[str, ...], as_json: bool) -> N
             click.echo(f"  {method.slot.path or 'stack'}: {method.name}  [{method.plugin}]")
             for key, value in method.options.model_dump(mode="json").items():
                 click.echo(f"      {key} = {json.dumps(value)}")
-            click.echo(f"      phases: {', '.join(p for p in ('prepare', 'train', 'compress', 'evaluate') if p in c.phases)}")
-            for label, tags in (("requires", c.requires), ("conflicts", c.conflicts), ("produces", c.produces),
-                                ("removes", c.removes), ("forbids after", c.forbids_after)):
+            click.echo(
+                f"      phases: {', '.join(p for p in ('prepare', 'train', 'compress', 'evaluate') if p in c.phases)}"
+            )
+            for label, tags in (
+                ("requires", c.requires),
+                ("conflicts", c.conflicts),
+                ("produces", c.produces),
+                ("removes", c.removes),
+                ("forbids after", c.forbids_after),
+            ):
                 if tags:
                     click.echo(f"      {label}: {', '.join(sorted(tags))}")
         click.echo("  hook order:")
@@ -84,8 +92,13 @@ def explain_data(plan: Any, host: Any) -> dict[str, Any]:
             "tags_before": sorted(stage.tags_before),
             "tags_after": sorted(stage.tags_after),
             "methods": [
-                {"slot": m.slot.path, "method": m.name, "plugin": m.plugin,
-                 "options": m.options.model_dump(mode="json"), "contract": m.contract.model_dump(mode="json")}
+                {
+                    "slot": m.slot.path,
+                    "method": m.name,
+                    "plugin": m.plugin,
+                    "options": m.options.model_dump(mode="json"),
+                    "contract": m.contract.model_dump(mode="json"),
+                }
                 for m in stage.methods
             ],
             "hooks": {name: hook_order(host, stage, name) for name in LIFECYCLE},
@@ -128,23 +141,25 @@ def methods_command(as_json: bool, names: tuple[str, ...]) -> None:
         from tunestack.errors import UserError
 
         raise UserError("; ".join(host.describe_unknown_method(n) for n in unknown))
-    data = []
+    data: list[dict[str, Any]] = []
     for spec in selected:
         plugin = host.method_plugin[spec.name]
         try:
             contract = spec.contract_for(spec.options()).model_dump(mode="json")
         except Exception:
             contract = None
-        data.append({
-            "name": spec.name,
-            "description": spec.description,
-            "plugin": plugin.name,
-            "distribution": plugin.distribution,
-            "version": plugin.version,
-            "tasks": sorted(spec.tasks) if spec.tasks else "all",
-            "options": spec.describe_options(),
-            "contract": contract,
-        })
+        data.append(
+            {
+                "name": spec.name,
+                "description": spec.description,
+                "plugin": plugin.name,
+                "distribution": plugin.distribution,
+                "version": plugin.version,
+                "tasks": sorted(spec.tasks) if spec.tasks else "all",
+                "options": spec.describe_options(),
+                "contract": contract,
+            }
+        )
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
@@ -156,7 +171,14 @@ def methods_command(as_json: bool, names: tuple[str, ...]) -> None:
         if entry["contract"]:
             phases = [p for p in ("prepare", "train", "compress", "evaluate") if p in entry["contract"]["phases"]]
             click.echo(f"  phases: {', '.join(phases)}")
-        rows = [[o["name"], o["type"], "(required)" if o["required"] else json.dumps(o["default"]), o["description"]]
-                for o in entry["options"]]
+        rows = [
+            [
+                o["name"],
+                o["type"],
+                "(required)" if o["required"] else json.dumps(o["default"]),
+                o["description"],
+            ]
+            for o in entry["options"]
+        ]
         if rows:
             click.echo("  " + table(["option", "type", "default", "description"], rows).replace("\n", "\n  "))

@@ -33,16 +33,35 @@ def summary_rows(stages: Sequence[dict[str, Any]]) -> tuple[list[str], list[list
     metrics = [s["metrics"] for s in stages]
     headline = [k for k in HEADLINE if any(k in m for m in metrics)]
     latency = sorted({k for m in metrics for k in m if k.startswith("latency_ms_b")}, key=lambda k: int(k[12:]))
-    headers = ["stage", "methods", *headline, "params", "trainable", "size_mb", *[f"ms@b{k[12:]}" for k in latency], "status"]
+    headers = [
+        "stage",
+        "methods",
+        *headline,
+        "params",
+        "trainable",
+        "size_mb",
+        *[f"ms@b{k[12:]}" for k in latency],
+        "status",
+    ]
     rows = []
     for stage, m in zip(stages, metrics):
-        methods = ", ".join(x["method"] for x in stage["methods"]) or "(full fine-tuning)" if stage.get("train") else (
-            ", ".join(x["method"] for x in stage["methods"]) or "-"
+        methods = (
+            ", ".join(x["method"] for x in stage["methods"]) or "(full fine-tuning)"
+            if stage.get("train")
+            else (", ".join(x["method"] for x in stage["methods"]) or "-")
         )
-        rows.append([
-            stage["name"], methods, *[m.get(k) for k in headline], m.get("params_total"), m.get("params_trainable"),
-            m.get("size_mb"), *[m.get(k) for k in latency], stage["status"],
-        ])
+        rows.append(
+            [
+                stage["name"],
+                methods,
+                *[m.get(k) for k in headline],
+                m.get("params_total"),
+                m.get("params_trainable"),
+                m.get("size_mb"),
+                *[m.get(k) for k in latency],
+                stage["status"],
+            ]
+        )
     return headers, rows
 
 

@@ -16,10 +16,20 @@ def register(cli: click.Group) -> None:
 
 @click.command("run")
 @click.argument("stack", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
-              help="Folder that receives the run folder <out>/<name>.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a stack key, e.g. train.epochs=2 or stage[1].stack[0].ratio=0.3.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help="Folder that receives the run folder <out>/<name>.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a stack key, e.g. train.epochs=2 or stage[1].stack[0].ratio=0.3.",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Replace an existing run folder (only once the new run finishes).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

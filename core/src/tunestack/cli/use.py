@@ -40,8 +40,12 @@ def eval_command(run_dir: Path, data: Path | None, as_json: bool, no_latency: bo
 @click.command("predict")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("texts", nargs=-1)
-@click.option("--file", "file_", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="One input per line.")
+@click.option(
+    "--file",
+    "file_",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="One input per line.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
 def predict_command(run_dir: Path, texts: tuple[str, ...], file_: Path | None, as_json: bool) -> None:
     """Predictions of a run's final model for TEXT arguments or the lines of --file."""

@@ -79,7 +79,9 @@ def cli(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
 
     def invoke(*args: str, **kwargs: Any) -> Any:
         reset_default_host()
-        return runner.invoke(cli_module.cli, list(args), catch_exceptions=kwargs.pop("catch_exceptions", True), **kwargs)
+        return runner.invoke(
+            cli_module.cli, list(args), catch_exceptions=kwargs.pop("catch_exceptions", True), **kwargs
+        )
 
     yield invoke
     reset_default_host()

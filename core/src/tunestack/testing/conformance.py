@@ -122,8 +122,14 @@ def check_method(
                 *(after or []),
                 {"method": "echo", "tag": "conformance-after"},
             ]
-            stack = tiny_stack(data.folder, task=task, family=family, methods=entries, epochs=epochs,
-                               **(stack_overrides or {}))
+            stack = tiny_stack(
+                data.folder,
+                task=task,
+                family=family,
+                methods=entries,
+                epochs=epochs,
+                **(stack_overrides or {}),
+            )
             stack["name"] = f"conformance-{method}-{family}-{task}"
             plan = load_plan(stack, host)
             expected = [m.slot.path for m in plan.stages[0].methods]
@@ -143,12 +149,21 @@ def check_method(
                 f"[manifest {label}] method or options missing from the manifest"
             )
             loaded = tunestack.load(result.run_dir, host=host)
-            sample = ["the film was great", "the plot was dull"] if task != "token-classification" else ["Alice works in Paris"]
+            sample = (
+                ["the film was great", "the plot was dull"]
+                if task != "token-classification"
+                else ["Alice works in Paris"]
+            )
             predictions = loaded.predict(sample)
-            assert len(predictions) == len(sample), f"[predict {label}] {len(predictions)} predictions for {len(sample)} inputs"
+            assert len(predictions) == len(sample), (
+                f"[predict {label}] {len(predictions)} predictions for {len(sample)} inputs"
+            )
             metrics = loaded.evaluate(latency=False)
-            headline = {"sequence-classification": "accuracy", "token-classification": "entity_f1",
-                        "causal-lm": "loss"}[task]
+            headline = {
+                "sequence-classification": "accuracy",
+                "token-classification": "entity_f1",
+                "causal-lm": "loss",
+            }[task]
             assert abs(metrics[headline] - result.metrics[headline]) < 1e-6, (
                 f"[reload {label}] {headline} {metrics[headline]} after reload vs {result.metrics[headline]} in the run"
             )

@@ -98,15 +98,22 @@ def lm_rows(count: int, seed: int) -> list[dict[str, str]]:
 def write_tiny_data(folder: Path, train: int = 48, eval: int = 16, seed: int = 0) -> TinyData:
     folder.mkdir(parents=True, exist_ok=True)
     data = TinyData(folder)
-    for path, rows in ((data.sentiment_train, sentiment_rows(train, seed)), (data.sentiment_eval, sentiment_rows(eval, seed + 1))):
+    for path, rows in (
+        (data.sentiment_train, sentiment_rows(train, seed)),
+        (data.sentiment_eval, sentiment_rows(eval, seed + 1)),
+    ):
         path.write_text("text\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in rows), encoding="utf-8")
-    for path, sentences in ((data.ner_train, ner_sentences(train, seed)), (data.ner_eval, ner_sentences(eval, seed + 1))):
+    for path, sentences in (
+        (data.ner_train, ner_sentences(train, seed)),
+        (data.ner_eval, ner_sentences(eval, seed + 1)),
+    ):
         blocks = ["-DOCSTART- -X- -X- O\n"]
         for tokens, tags in sentences:
             blocks.append("".join(f"{t} NN O {g}\n" for t, g in zip(tokens, tags)))
         path.write_text("\n".join(blocks), encoding="utf-8")
     data.ner_jsonl.write_text(
-        "".join(json.dumps({"tokens": t, "tags": g}) + "\n" for t, g in ner_sentences(eval, seed + 2)), encoding="utf-8"
+        "".join(json.dumps({"tokens": t, "tags": g}) + "\n" for t, g in ner_sentences(eval, seed + 2)),
+        encoding="utf-8",
     )
     for path, rows_lm in ((data.lm_train, lm_rows(train, seed)), (data.lm_eval, lm_rows(eval, seed + 1))):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows_lm), encoding="utf-8")

@@ -8,6 +8,7 @@ ordering constraint without a real method.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,7 @@ class Echo(Method[EchoOptions]):
     @hookimpl
     def tunestack_save(self, model: Any, folder: Path, record: TransformRecord) -> Saved:
         self._note("save")
-        (folder / "echo.json").write_text('{"tag": "%s"}\n' % record.state.get("tag", ""), encoding="utf-8")
+        (folder / "echo.json").write_text(json.dumps({"tag": record.state.get("tag", "")}) + "\n", encoding="utf-8")
         return Saved(model=model)
 
     @hookimpl

@@ -16,15 +16,31 @@ def tiny_model_config(family: str = "bert", **overrides: Any) -> dict[str, Any]:
     """A ``[model.config]`` table for a tiny random-init model of one family (~1M parameters)."""
     configs: dict[str, dict[str, Any]] = {
         "bert": {
-            "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "intermediate_size": 64, "vocab_size": VOCAB, "max_position_embeddings": 128,
+            "model_type": "bert",
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "vocab_size": VOCAB,
+            "max_position_embeddings": 128,
         },
         "gpt2": {
-            "model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 128, "vocab_size": VOCAB,
+            "model_type": "gpt2",
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_positions": 128,
+            "vocab_size": VOCAB,
         },
         "llama": {
-            "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 128,
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": VOCAB,
+            "max_position_embeddings": 128,
         },
     }
     if family not in configs:

@@ -31,7 +31,8 @@ class FreezeOptions(Options):
     embeddings: bool = Field(False, description="freeze token, position and type embeddings")
     layers: int = Field(0, ge=0, description="freeze the bottom N transformer layers")
     modules: list[str] = Field(
-        [], description="freeze parameters whose names match these glob patterns (e.g. 'bert.encoder.layer.0.*')"
+        [],
+        description="freeze parameters whose names match these glob patterns (e.g. 'bert.encoder.layer.0.*')",
     )
     bitfit: bool = Field(False, description="train only bias terms (and the head): BitFit")
     train_head: bool = Field(True, description="keep the task head trainable whatever else is frozen")
@@ -45,14 +46,18 @@ class Freeze(Method[FreezeOptions]):
     def tunestack_validate_stage(self, stage: StagePlan, ctx: ValidationContext) -> list[Problem]:
         problems = []
         if not stage.trains:
-            problems.append(Problem(self.slot.path, "freeze only matters in a stage that trains (this one has epochs = 0)"))
+            problems.append(
+                Problem(self.slot.path, "freeze only matters in a stage that trains (this one has epochs = 0)")
+            )
         o = self.options
         if not (o.embeddings or o.layers or o.modules or o.bitfit):
             problems.append(Problem(self.slot.path, "nothing to freeze: set embeddings, layers, modules or bitfit"))
         config = ctx.model_config or {}
         depth = config.get("num_hidden_layers", config.get("n_layer"))
         if isinstance(depth, int) and o.layers > depth:
-            problems.append(Problem(f"{self.slot.path}.layers", f"the model has {depth} layers, cannot freeze {o.layers}"))
+            problems.append(
+                Problem(f"{self.slot.path}.layers", f"the model has {depth} layers, cannot freeze {o.layers}")
+            )
         return problems
 
     @hookimpl
@@ -102,8 +107,9 @@ def _add_zero_biases(model: Any, layers: Any) -> None:
         raise ValueError(f"bitfit: {type(model).__name__} has no bias terms and no config switch to add them")
     for module in layers.modules.modules():
         if isinstance(module, torch.nn.Linear) and module.bias is None:
-            module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
-                                                         device=module.weight.device))
+            module.bias = torch.nn.Parameter(
+                torch.zeros(module.out_features, dtype=module.weight.dtype, device=module.weight.device)
+            )
     config.attention_bias = True
     config.mlp_bias = True
 
