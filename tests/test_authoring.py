@@ -59,7 +59,9 @@ def test_new_plugin_installs_runs_and_passes_its_tests(tmp_path):
         methods = json.loads(tunestack("methods", "--json").stdout)
         assert "shrink-embed" in {m["name"] for m in methods}
         plugins = {p["name"]: p for p in json.loads(tunestack("plugins", "--json").stdout)}
-        assert plugins["shrink-embed"]["distribution"] == "tunestack-shrink-embed" and not plugins["shrink-embed"]["error"]
+        assert (
+            plugins["shrink-embed"]["distribution"] == "tunestack-shrink-embed" and not plugins["shrink-embed"]["error"]
+        )
 
         generated = pytest_in(root)
         assert generated.returncode == 0, generated.stdout + generated.stderr

@@ -90,11 +90,44 @@ def test_plugin_is_installed_and_imports_nothing_heavy(plugin):
 
 
 PUBLIC_API = {
-    "hookimpl", "MethodSpec", "Method", "Options", "Field", "Contract", "Phase", "PHASES", "KNOWN_TAGS", "Slot",
-    "TaskSpec", "ModelHandle", "StageContext", "StageData", "StagePlan", "PlannedMethod", "StepContext", "StepOutput",
-    "EvalContext", "ValidationContext", "TransformRecord", "Saved", "Example", "ExampleList", "Stash", "StashKey",
-    "Layers", "transformer_layers", "head_parameter_names", "embedding_parameter_names", "layer_of",
-    "count_trainable", "Problem", "UserError", "DataError", "ModelError", "PluginError", "RunFailed",
+    "hookimpl",
+    "MethodSpec",
+    "Method",
+    "Options",
+    "Field",
+    "Contract",
+    "Phase",
+    "PHASES",
+    "KNOWN_TAGS",
+    "Slot",
+    "TaskSpec",
+    "ModelHandle",
+    "StageContext",
+    "StageData",
+    "StagePlan",
+    "PlannedMethod",
+    "StepContext",
+    "StepOutput",
+    "EvalContext",
+    "ValidationContext",
+    "TransformRecord",
+    "Saved",
+    "Example",
+    "ExampleList",
+    "Stash",
+    "StashKey",
+    "Layers",
+    "transformer_layers",
+    "head_parameter_names",
+    "embedding_parameter_names",
+    "layer_of",
+    "count_trainable",
+    "Problem",
+    "UserError",
+    "DataError",
+    "ModelError",
+    "PluginError",
+    "RunFailed",
 }
 
 
@@ -113,3 +146,33 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "make demo" in readme and "make test" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_tutorial_snippets_come_from_files_the_suite_runs():
+    text = (ROOT / "docs" / "writing-plugins.md").read_text(encoding="utf-8")
+    snippets = re.findall(r"<!-- snippet: (\S+) -->\n```python\n(.*?)```", text, flags=re.S)
+    assert len(snippets) >= 8
+    for path, code in snippets:
+        source = (ROOT / path).read_text(encoding="utf-8")
+        assert code in source, f"a snippet of {path} in writing-plugins.md no longer matches the file"
+
+
+def test_tutorial_commands_work_in_order(tmp_path):
+    text = (ROOT / "docs" / "writing-plugins.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- commands -->\n```sh\n(.*?)```", text, flags=re.S).group(1)
+    bin_dir = Path(sys.executable).parent
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HF_HUB_OFFLINE": "1",
+        "HOME": str(tmp_path),
+        "PIP_NO_BUILD_ISOLATION": "0",  # build with the installed setuptools: no download in tests
+        "PIP_NO_DEPS": "1",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
+    script = "set -e\n" + block
+    result = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "ia3" in result.stdout and ("positive" in result.stdout or "negative" in result.stdout)
+    import shutil
+
+    shutil.rmtree(ROOT / "runs" / "ia3-demo", ignore_errors=True)
