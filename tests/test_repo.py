@@ -25,6 +25,7 @@ def hook_names() -> list[str]:
 def test_generated_reference_pages_are_current():
     result = subprocess.run(
         [sys.executable, str(ROOT / "docs" / "generate.py"), "--check"],
+        check=False,
         capture_output=True,
         text=True,
         env={"COLUMNS": "100", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
@@ -82,7 +83,8 @@ def test_plugin_folder_is_a_complete_distribution(plugin):
 def test_plugin_is_installed_and_imports_nothing_heavy(plugin):
     code = (
         f"import sys, tunestack_{plugin.name}\n"
-        "heavy = [m for m in ('torch', 'transformers', 'peft', 'torch_pruning', 'neural_compressor') if m in sys.modules]\n"
+        "names = ('torch', 'transformers', 'peft', 'torch_pruning', 'neural_compressor')\n"
+        "heavy = [m for m in names if m in sys.modules]\n"
         "print(heavy)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
