@@ -14,11 +14,11 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
-$(STAMP): core/pyproject.toml $(wildcard plugins/*/pyproject.toml) tests/echo/pyproject.toml constraints.txt requirements-dev.txt
+$(STAMP): core/pyproject.toml $(wildcard plugins/*/pyproject.toml) tests/echo/pyproject.toml examples/external-plugin/pyproject.toml constraints.txt requirements-dev.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
-	$(PIP) install -c constraints.txt -r requirements-dev.txt -e core -e tests/echo $(foreach p,$(PLUGINS),-e $(p))
+	$(PIP) install -c constraints.txt -r requirements-dev.txt -e core -e tests/echo -e examples/external-plugin $(foreach p,$(PLUGINS),-e $(p))
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -90,7 +90,10 @@ class Runner:
 
         from tunestack.runlog import RunLog
 
-        self.accelerator = Accelerator(mixed_precision=_precision(self.stack.train.mixed_precision, torch))
+        # cpu=True lets Accelerate see a torchrun/accelerate multi-process launch on CPU-only machines
+        self.accelerator = Accelerator(
+            mixed_precision=_precision(self.stack.train.mixed_precision, torch), cpu=not torch.cuda.is_available()
+        )
         main = self.accelerator.is_main_process
         self.folder = RunFolder(self.out / self.plan.name, self.resume, self.force, main)
         resuming = self.folder.begin()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -37,12 +38,15 @@ def run_command(stack: Path, out: Path, overrides: tuple[str, ...], resume: bool
     """Run a stack file end to end and print a summary."""
     from tunestack.runner import GateFailed, run
 
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun/accelerate, one summary
     try:
         result = run(stack, out=out, overrides=list(overrides), resume=resume, force=force, progress=not quiet)
     except GateFailed as failed:
-        print_summary(failed.result)
+        if main_process:
+            print_summary(failed.result)
         raise
-    print_summary(result)
+    if main_process:
+        print_summary(result)
 
 
 @click.command("validate")
