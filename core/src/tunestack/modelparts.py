@@ -43,17 +43,23 @@ def transformer_layers(model: Any) -> Layers:
 
 
 def head_parameter_names(model: Any) -> set[str]:
-    """Names of the task head's parameters (outside the base model), tied weights excluded."""
-    base = getattr(model, "base_model_prefix", "")
-    names = set()
-    embedding_ids = {id(p) for p in _input_embedding_params(model)}
-    for name, param in model.named_parameters():
+    """Names (as ``model.named_parameters()`` gives them) of the task head's parameters.
+
+    Works through peft wrappers: the head is looked up on the underlying model, and of a head that
+    peft copies for training (``modules_to_save``) only the trained copy counts. Weights tied to
+    the input embeddings are excluded.
+    """
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    base = getattr(inner, "base_model_prefix", "")
+    embedding_ids = {id(p) for p in _input_embedding_params(inner)}
+    head_ids = set()
+    for name, param in inner.named_parameters():
         top = name.split(".")[0]
-        if top == base:
+        if top == base or top not in HEAD_NAMES or ".original_module." in name:
             continue
-        if top in HEAD_NAMES and id(param) not in embedding_ids:
-            names.add(name)
-    return names
+        if id(param) not in embedding_ids:
+            head_ids.add(id(param))
+    return {name for name, param in model.named_parameters() if id(param) in head_ids}
 
 
 def embedding_parameter_names(model: Any) -> set[str]:
