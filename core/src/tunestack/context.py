@@ -210,11 +210,16 @@ class StageData:
         self, split: str = "train", limit: int | None = None, batch_size: int | None = None, seed: int = 0
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Tokenised, padded batches of a split, shuffled by ``seed`` (0 keeps file order)."""
+        size = batch_size or self.batch_size
         examples = self.examples(split)
-        for count, batch in enumerate(self._make_batches(examples, batch_size or self.batch_size, seed != 0, seed)):
-            if limit is not None and count >= limit:
-                return
-            yield batch
+        if limit is not None:  # encode only what is asked for (calibration, probes)
+            if seed != 0:
+                import random
+
+                random.Random(seed).shuffle(examples)
+            yield from self._make_batches(examples[: limit * size], size, False, 0)
+            return
+        yield from self._make_batches(examples, size, seed != 0, seed)
 
 
 @dataclass

@@ -50,14 +50,32 @@ def auto_class(name: str) -> Any:
     return getattr(transformers, AUTO_CLASSES[name])
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
 def load_tokenizer(where: str | Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    folder = Path(where)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(
+            f"no usable tokenizer in {where}: none of {', '.join(TOKENIZER_FILES)} is there; "
+            'set model.tokenizer to a folder that has one (or "minilm")'
+        )
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as error:
         raise ModelError(f"no usable tokenizer in {where}: {_first_line(error)}") from None
+    if len(tokenizer) < 10:
+        raise ModelError(f"no usable tokenizer in {where}: its vocabulary has {len(tokenizer)} entries")
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"the tokenizer in {where} is not a fast tokenizer (tokenizer.json); tunestack needs one")
     if tokenizer.pad_token is None:

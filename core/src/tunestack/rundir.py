@@ -50,7 +50,7 @@ class RunFolder:
                 self.partial.mkdir(parents=True, exist_ok=True)
                 self.mark_incomplete("running")
             except OSError as error:
-                raise _disk_error(error, self.partial) from None
+                raise disk_error(error, self.partial) from None
         return resuming
 
     def mark_incomplete(self, reason: str) -> None:
@@ -82,7 +82,7 @@ class RunFolder:
                 self.partial.rename(self.final)
         except OSError as error:
             self.mark_incomplete(f"could not finish: {error}")
-            raise _disk_error(error, self.final) from None
+            raise disk_error(error, self.final) from None
         return self.final
 
 
@@ -93,10 +93,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
         tmp.replace(path)
     except OSError as error:
         tmp.unlink(missing_ok=True)
-        raise _disk_error(error, path) from None
+        raise disk_error(error, path) from None
 
 
-def _disk_error(error: OSError, where: Path) -> RunFailed:
+def disk_error(error: OSError, where: Path) -> RunFailed:
     if error.errno == errno.ENOSPC:
         return RunFailed(f"the disk is full while writing {where}; free space and run again with --resume")
     return RunFailed(f"cannot write {where}: {error.strerror or error}")

@@ -7,6 +7,7 @@ so ``--resume`` skips them and continues a stage from its last training checkpoi
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
@@ -26,7 +27,7 @@ from tunestack.context import (
 from tunestack.data import Example
 from tunestack.errors import DataError, Interrupted, PluginError, RunFailed, TunestackError
 from tunestack.plugins import PluginHost, culprit, default_host
-from tunestack.rundir import RunFolder, write_json_atomic
+from tunestack.rundir import RunFolder, disk_error, write_json_atomic
 from tunestack.validation import StackPlan, load_plan
 
 RELOAD_TOLERANCE = 1e-4
@@ -386,12 +387,7 @@ class Runner:
             tmp = stage_dir / "model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(target, ignore_errors=True)
-            try:
-                self._guarded(stage, "tunestack_save", lambda: save_model(handle, tmp, self.host))
-            except OSError as error:
-                from tunestack.rundir import _disk_error
-
-                raise _disk_error(error, tmp) from None
+            self._guarded(stage, "tunestack_save", lambda: save_model(handle, tmp, self.host))
             tmp.rename(target)
         self.accelerator.wait_for_everyone()
         reloaded = self._guarded(stage, "tunestack_rebuild", lambda: load_model(target, self.host))
@@ -500,6 +496,8 @@ class Runner:
         except TunestackError:
             raise
         except Exception as error:
+            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                raise disk_error(error, self.root) from None
             who = culprit(self.host, error, [m.instance for m in stage.methods])
             raise PluginError(
                 f"{who} failed in {name} (stage '{stage.name}'): {type(error).__name__}: {error}"

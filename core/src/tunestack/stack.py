@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tunestack.errors import Problem, StackError
 
@@ -150,6 +150,13 @@ class StageSettings(Section):
     checkpoint_every: int | None = Field(None, ge=1)
     log_every: int | None = Field(None, ge=1)
 
+    @field_validator("name")
+    @classmethod
+    def _not_a_parent(cls, value: str) -> str:
+        if value in {".", ".."}:
+            raise ValueError("a stage name cannot be '.' or '..'")
+        return value
+
     def training(self, defaults: TrainSettings) -> TrainSettings:
         overrides = {k: getattr(self, k) for k in TRAIN_KEYS if getattr(self, k) is not None}
         return defaults.model_copy(update=overrides)
@@ -165,6 +172,13 @@ class StackFile(Section):
     eval: EvalSettings = Field(default_factory=EvalSettings)  # type: ignore[arg-type]
     stack: list[dict[str, Any]] | None = Field(None, description="methods of a single-stage file")
     stage: list[StageSettings] | None = Field(None, description="stages of a multi-stage file")
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_parent(cls, value: str | None) -> str | None:
+        if value in {".", ".."}:
+            raise ValueError("a run name cannot be '.' or '..'")
+        return value
 
     @model_validator(mode="after")
     def _stack_or_stages(self) -> StackFile:

@@ -48,6 +48,7 @@ class EchoOptions(Options):
     transform: bool = Field(False, description="record a transform so save/rebuild fire")
     suffix: str | None = Field(None, description="append this to every input text")
     scale_loss: float = Field(1.0, description="multiply the training loss")
+    nan_after_step: int | None = Field(None, description="make the loss NaN from this optimizer step on")
     fail_in: str | None = Field(None, description="raise RuntimeError inside this hook")
     metric: float | None = Field(None, description="report {'value': metric} when evaluating")
     problem: str | None = Field(None, description="report this validation problem")
@@ -96,6 +97,8 @@ class Echo(Method[EchoOptions]):
         if ctx.micro_step == 0:
             self._note("train_step")
         result = yield
+        if self.options.nan_after_step is not None and ctx.step >= self.options.nan_after_step:
+            return StepOutput(loss=result.loss * float("nan"), outputs=result.outputs, logs=result.logs)
         if self.options.scale_loss != 1.0:
             return StepOutput(loss=result.loss * self.options.scale_loss, outputs=result.outputs, logs=result.logs)
         return result
