@@ -132,6 +132,7 @@ def train(
     running: list[float] = []
     flag = InterruptFlag()
     accumulation = settings.gradient_accumulation_steps
+    step_started = time.perf_counter()
     with flag.installed():
         for epoch in range(start_epoch, epochs):
             order = epoch_order(len(features), ctx.seed, epoch, rank, world)
@@ -140,6 +141,8 @@ def train(
             for micro in range(first, len(micro_batches)):
                 if step >= total_steps:
                     break
+                if micro % accumulation == 0:
+                    step_started = time.perf_counter()
                 batch = task.collate([features[i] for i in micro_batches[micro]], tokenizer)
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 sync = (micro + 1) % accumulation == 0 or micro == len(micro_batches) - 1
@@ -163,6 +166,7 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                step_seconds = time.perf_counter() - step_started
                 step += 1
                 last_loss = sum(running) / len(running)
                 running = []
@@ -178,7 +182,7 @@ def train(
                     }
                     entry.update(output.logs)
                     history.append(entry)
-                    log.event("train", stage=ctx.stage.name, **entry)
+                    log.event("train", stage=ctx.stage.name, step_seconds=round(step_seconds, 6), **entry)
                 at_epoch_end = micro == len(micro_batches) - 1
                 periodic = settings.checkpoint_every is not None and step % settings.checkpoint_every == 0
                 if flag.signal is not None or periodic or (at_epoch_end and settings.checkpoint_every is None):

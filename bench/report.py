@@ -1,0 +1,271 @@
+"""Turns results.json into results.md (tables with every target next to its measurement) and a Pareto plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+MINILM_NON_EMBEDDING = 10_650_000  # 22.71M total - 11.92M embeddings + head (performance-anchors.md, Sec. 2)
+MINILM_LAYERS, MINILM_WIDTH = 6, 384
+CONLL_TEST_TAGS = {
+    "B-LOC": 1668,
+    "B-MISC": 702,
+    "B-ORG": 1661,
+    "B-PER": 1617,
+    "I-LOC": 257,
+    "I-MISC": 216,
+    "I-ORG": 835,
+    "I-PER": 1156,
+    "O": 38323,
+}
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
+
+
+def _met(ok: bool | None) -> str:
+    return "-" if ok is None else ("met" if ok else "**missed**")
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def adaptation(rows: dict[str, Any], base_name: str, names: list[str], bars: dict[str, float]) -> str:
+    base = rows.get(base_name)
+    out = []
+    for name in [base_name, *names]:
+        r = rows.get(name)
+        if r is None:
+            continue
+        retention = _ratio(r["value"], base["value"]) if base else None
+        bar = bars.get(name)
+        share = _ratio(r["params_trainable"], r["params_total"])
+        out.append(
+            [
+                name,
+                r["value"],
+                f"{retention:.2%}" if retention else "-",
+                f"{share:.2%}" if share else "-",
+                r["params_trainable"],
+                r["train_examples_per_s"],
+                f">= {bar:.0%}" if bar else "baseline",
+                _met(retention >= bar if (bar and retention) else None),
+            ]
+        )
+    headers = [
+        "row",
+        rows[names[0]]["metric"] if names and names[0] in rows else "metric",
+        "retention",
+        "trainable %",
+        "trainable",
+        "train ex/s",
+        "target",
+        "",
+    ]
+    return _table(headers, out)
+
+
+def compression(rows: dict[str, Any], base_name: str, names: list[str]) -> str:
+    base = rows.get(base_name)
+    out = []
+    for name in names:
+        r = rows.get(name)
+        if r is None or base is None:
+            continue
+        delta = (r["value"] - base["value"]) * 100
+        retention = _ratio(r["value"], base["value"])
+        b1 = _ratio(base["latency_ms_b1"], r["latency_ms_b1"])
+        b32 = _ratio(base["latency_ms_b32"], r["latency_ms_b32"])
+        size = _ratio(r["size_mb"], base["size_mb"])
+        macs = None
+        for report in r.get("reports", {}).values():
+            if "macs_after" in report and "macs_before" in report:
+                macs = _ratio(report["macs_before"], report["macs_after"])
+        ok = None
+        if name.startswith("sst2-int8"):
+            ok = delta >= -0.5 and (b1 or 0) >= 1.6 and (b32 or 0) >= 1.6
+        elif name == "sst2-prune40-kd":
+            ok = (retention or 0) >= 0.98 and (b32 or 0) >= 1.5
+        elif name == "sst2-kd-student":
+            nokd = rows.get("sst2-student-nokd")
+            ok = (retention or 0) >= 0.97 and (b32 or 0) >= 1.8 and (nokd is None or r["value"] > nokd["value"])
+        elif name == "sst2-stack-lora-prune-int8":
+            ok = (retention or 0) >= 0.96 and (b32 or 0) >= 2.5 and (size or 9) <= 0.35
+        out.append(
+            [
+                name,
+                r["value"],
+                f"{delta:+.2f}",
+                f"{retention:.2%}" if retention else "-",
+                f"{b1:.2f}x" if b1 else "-",
+                f"{b32:.2f}x" if b32 else "-",
+                f"{size:.2f}x" if size else "-",
+                f"{macs:.2f}x" if macs else "-",
+                r["params_total"],
+                r["target"],
+                _met(ok),
+            ]
+        )
+    return _table(
+        [
+            "row",
+            "metric",
+            "Δ points",
+            "retention",
+            "speed-up b1",
+            "speed-up b32",
+            "size",
+            "MACs ratio",
+            "params",
+            "target",
+            "",
+        ],
+        out,
+    )
+
+
+def conll_tags(rows: dict[str, Any], name: str) -> str:
+    r = rows.get(name)
+    if r is None or not r.get("tag_report"):
+        return ""
+    report = r["tag_report"]
+    lines = [
+        _table(
+            ["tag", "precision", "recall", "f1", "support"],
+            [[tag, v["precision"], v["recall"], v["f1"], v["support"]] for tag, v in report.items()],
+        )
+    ]
+    supports = {tag: report[tag]["support"] for tag in CONLL_TEST_TAGS if tag in report}
+    ok = supports == CONLL_TEST_TAGS and report.get("micro avg", {}).get("support") == 46435
+    lines.append(f"\nSupports equal the CoNLL-2003 test set's tag counts (46,435 tokens): **{'yes' if ok else 'NO'}**.")
+    return "\n".join(lines)
+
+
+def efficiency(results: dict[str, Any]) -> str:
+    peak = results.get("gemm_peak_gflops")
+    rows = []
+    for name, frozen in (("sst2-full-ft", False), ("sst2-lora", True)):
+        r = results["rows"].get(name)
+        if r is None or not r.get("train_tokens_per_s") or not peak:
+            continue
+        attention = 2 * MINILM_LAYERS * 64 * MINILM_WIDTH
+        forward = 2 * MINILM_NON_EMBEDDING + attention
+        per_token = forward * (2 if frozen else 3)
+        achieved = r["train_tokens_per_s"] * per_token / 1e9
+        rows.append(
+            [
+                name,
+                round(r["train_tokens_per_s"], 1),
+                f"{per_token / 1e6:.1f}",
+                f"{achieved:.1f}",
+                f"{peak:.1f}",
+                f"{achieved / peak:.1%}",
+            ]
+        )
+    if not rows:
+        return ""
+    return _table(["row", "train tokens/s", "MFLOP/token", "achieved GFLOP/s", "GEMM peak GFLOP/s", "of peak"], rows)
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    rows = results["rows"]
+    parts = []
+    parts.append("### SST-2: adaptation methods (dev accuracy)\n")
+    parts.append(
+        adaptation(
+            rows,
+            "sst2-full-ft",
+            ["sst2-lora", "sst2-adapter-houlsby", "sst2-adapter-pfeiffer", "sst2-prefix", "sst2-bitfit"],
+            {
+                "sst2-lora": 0.99,
+                "sst2-adapter-houlsby": 0.99,
+                "sst2-adapter-pfeiffer": 0.99,
+                "sst2-prefix": 0.97,
+                "sst2-bitfit": 0.98,
+            },
+        )
+    )
+    prompt = [
+        [n, rows[n]["value"], rows[n]["target"]] for n in ("sst2-prompt-zeroshot", "sst2-prompt-16shot") if n in rows
+    ]
+    if prompt:
+        parts.append("\n### SST-2: prompts without gradient updates (majority class: 50.9%)\n")
+        zero = rows.get("sst2-prompt-zeroshot", {}).get("value")
+        for p in prompt:
+            ok = (p[1] >= 0.659) if p[0].endswith("zeroshot") else (zero is not None and p[1] > zero)
+            p.append(_met(ok))
+        parts.append(_table(["row", "accuracy", "target", ""], prompt))
+    parts.append("\n### SST-2: compression and distillation (vs the fine-tuned model)\n")
+    parts.append(
+        compression(
+            rows,
+            "sst2-full-ft",
+            [
+                "sst2-int8-dynamic",
+                "sst2-int8-static",
+                "sst2-prune40-only",
+                "sst2-prune40-kd",
+                "sst2-student-nokd",
+                "sst2-kd-student",
+                "sst2-stack-lora-prune-int8",
+                "sst2-stack-kd-lora-int8",
+            ],
+        )
+    )
+    parts.append("\n### CoNLL-2003 (test set, entity-level F1 with seqeval)\n")
+    parts.append(
+        adaptation(rows, "conll-full-ft", ["conll-lora", "conll-adapter"], {"conll-lora": 0.98, "conll-adapter": 0.98})
+    )
+    parts.append("\n" + compression(rows, "conll-full-ft", ["conll-int8-dynamic"]))
+    tags = conll_tags(rows, "conll-full-ft")
+    if tags:
+        parts.append("\nToken-level report of `conll-full-ft` on the test set:\n\n" + tags)
+    overhead = results.get("overhead")
+    if overhead:
+        parts.append("\n### Framework overhead (LoRA r=8, batch 32 x 64 tokens, same process, interleaved)\n")
+        parts.append(
+            _table(
+                ["hand-written peft + torch step (ms)", "tunestack step (ms)", "ratio", "target", ""],
+                [
+                    [
+                        overhead["hand_step_ms"],
+                        overhead["tunestack_step_ms"],
+                        f"{overhead['ratio']:.3f}",
+                        "<= 1.03",
+                        _met(overhead["ratio"] <= 1.03),
+                    ]
+                ],
+            )
+        )
+    eff = efficiency(results)
+    if eff:
+        parts.append("\n### Compute efficiency (training, useful tokens, against a 1024^3 fp32 GEMM)\n")
+        parts.append(eff)
+    errors = results.get("errors")
+    if errors:
+        parts.append("\n### Rows that failed\n")
+        parts.append(_table(["row", "error"], [[k, v.replace("|", "/")[:300]] for k, v in errors.items()]))
+    (out / "results.md").write_text("\n".join(parts) + "\n", encoding="utf-8")
+    _plot(rows, out)
+
+
+def _plot(rows: dict[str, Any], out: Path) -> None:
+    from tunestack.compare import compare_runs, plot
+
+    paths = [Path(r["run_dir"]) for r in rows.values() if r["task"] == "sst2" and Path(r["run_dir"]).exists()]
+    if len(paths) >= 2:
+        plot(compare_runs(paths), out / "pareto.png", latency="b32")
