@@ -165,7 +165,7 @@ def test_run_is_reproducible_by_seed(run_stack, make_stack, tmp_path):
 
 
 def _start(stack_file: Path, out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "tunestack", "run", str(stack_file), "--out", str(out), "--quiet", *extra],
         stdout=subprocess.PIPE,
@@ -189,36 +189,35 @@ def _wait_for_step(log: Path, step: int, process: subprocess.Popen, timeout: flo
     raise AssertionError("no progress")
 
 
-@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
-def test_interrupted_run_resumes_to_the_same_result(tmp_path, make_stack, how):
-    import torch
-
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_data):
+    """One uninterrupted reference run shared by the interruption tests."""
     from tunestack.stack import dump_toml
+    from tunestack.testing.stacks import tiny_stack
 
-    stack = make_stack(methods=[], train={"epochs": 40, "checkpoint_every": 4, "log_every": 1})
-    stack_file = tmp_path / "stack.toml"
+    folder = tmp_path_factory.mktemp("reference")
+    stack = tiny_stack(tiny_data.folder, methods=[], train={"epochs": 12, "checkpoint_every": 2, "log_every": 1})
+    stack_file = folder / "stack.toml"
     stack_file.write_text(dump_toml(stack), encoding="utf-8")
-
-    reference = subprocess.run(  # noqa: PLW1510 (the return code is asserted)
-        [
-            sys.executable,
-            "-m",
-            "tunestack",
-            "run",
-            str(stack_file),
-            "--out",
-            str(tmp_path / "ref"),
-            "--quiet",
-        ],
+    reference = subprocess.run(
+        [sys.executable, "-m", "tunestack", "run", str(stack_file), "--out", str(folder / "ref"), "--quiet"],
         capture_output=True,
         text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        check=False,
     )
     assert reference.returncode == 0, reference.stderr
+    return stack_file, folder / "ref" / "tiny"
 
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, uninterrupted, how):
+    import torch
+
+    stack_file, reference_dir = uninterrupted
     out = tmp_path / "runs"
     process = _start(stack_file, out)
-    _wait_for_step(out / "tiny.partial" / "log.jsonl", 9, process)
+    _wait_for_step(out / "tiny.partial" / "log.jsonl", 5, process)
     process.send_signal(getattr(signal, how))
     _, stderr = process.communicate(timeout=120)
     partial = out / "tiny.partial"
@@ -228,10 +227,11 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, make_stack, how):
     if how != "SIGKILL":
         assert process.returncode == 130 and "--resume" in stderr and "Traceback" not in stderr
 
-    refused = subprocess.run(  # noqa: PLW1510 (the return code is asserted)
+    refused = subprocess.run(
         [sys.executable, "-m", "tunestack", "run", str(stack_file), "--out", str(out), "--quiet"],
         capture_output=True,
         text=True,
+        check=False,
     )
     assert refused.returncode == 2 and "--resume" in refused.stderr
 
@@ -240,12 +240,12 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, make_stack, how):
     assert resumed.returncode == 0, stderr
     done = json.loads((out / "tiny" / "manifest.json").read_text())
     assert done["stages"][0]["training"]["resumed_from_step"] > 0
-    ref = json.loads((tmp_path / "ref" / "tiny" / "manifest.json").read_text())
+    ref = json.loads((reference_dir / "manifest.json").read_text())
     assert done["stages"][0]["metrics"]["accuracy"] == ref["stages"][0]["metrics"]["accuracy"]
     assert done["stages"][0]["training"]["final_loss"] == pytest.approx(
         ref["stages"][0]["training"]["final_loss"], abs=1e-6
     )
-    a, b = tunestack.load(out / "tiny"), tunestack.load(tmp_path / "ref" / "tiny")
+    a, b = tunestack.load(out / "tiny"), tunestack.load(reference_dir)
     batch = a.tokenizer(["the film was great"], return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(a.model(**batch).logits, b.model(**batch).logits, atol=1e-5)
