@@ -233,6 +233,7 @@ class StageContext:
     data: StageData
     device: Any
     accelerator: Any
+    tokenizer: Any = None
     stash: Stash = field(default_factory=Stash)
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra_parameters: list[Any] = field(default_factory=list)

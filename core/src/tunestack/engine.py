@@ -161,6 +161,10 @@ def train(
                 seen_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
                 if not sync:
                     continue
+                if world > 1:  # parameters outside the model are not under DDP: average their gradients here
+                    for param in ctx.extra_parameters:
+                        if param.grad is not None:
+                            param.grad = accelerator.reduce(param.grad, reduction="mean")
                 if settings.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(params, settings.max_grad_norm)
                 optimizer.step()

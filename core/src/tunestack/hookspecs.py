@@ -159,7 +159,9 @@ def tunestack_model_class(stage: StagePlan, task: str) -> str | None:
 
 
 @hookspec
-def tunestack_transform_examples(examples: ExampleList, split: str, ctx: StageContext) -> None:
+def tunestack_transform_examples(
+    examples: ExampleList, split: str, ctx: StageContext | None, record: TransformRecord | None
+) -> None:
     """Rewrite raw examples before tokenisation (templates, in-context examples).
 
     Fires once per split (``"train"``, ``"eval"``, and ``"predict"`` when a reloaded model
@@ -170,10 +172,14 @@ def tunestack_transform_examples(examples: ExampleList, split: str, ctx: StageCo
     :param examples: a mutable list of task examples; replace items in place
         (``examples[:] = [...]``) so the next method in the stack sees the result.
     :param split: which split these examples belong to.
-    :param ctx: the stage context (``None`` attributes for data at prediction time).
+    :param ctx: the stage context, or ``None`` when a reloaded model formats inputs.
+    :param record: ``None`` while the stage runs; when a reloaded model formats inputs, the
+        method's transform record (``record.state`` holds what ``tunestack_prepare`` stored).
     :returns: nothing.
 
     Call semantics: chained in stack order through the mutable list.
+
+    .. versionchanged:: 0.1 ``record`` added (opt-in: implementations may leave it out).
 
     .. versionadded:: 0.1
     """

@@ -47,7 +47,7 @@ class LoadedModel:
         items = [e.with_() for e in examples]
         for record in self.handle.transforms:
             self.host.scoped_hook(instantiate(record, self.host)).tunestack_transform_examples(
-                examples=items, split=split, ctx=None
+                examples=items, split=split, ctx=None, record=record
             )
         return items
 
@@ -57,7 +57,11 @@ class LoadedModel:
             texts = [texts]
         task = self.handle.task
         examples = self.transform([task.example_from_text(t) for t in texts], "predict")
-        return list(task.predict(self.model, examples, self.tokenizer, self.labels, self.max_length))
+        results = list(task.predict(self.model, examples, self.tokenizer, self.labels, self.max_length))
+        for result, text in zip(results, texts):
+            if "text" in result:  # the user's input, not the templated one
+                result["text"] = text
+        return results
 
     def evaluate(self, data: str | Path | None = None, latency: bool | None = None) -> dict[str, Any]:
         """Metrics of the final model on ``data`` (default: the run's evaluation file)."""
@@ -93,7 +97,11 @@ class LoadedModel:
             max_length=settings.max_length,
             device=torch.device("cpu"),
         )
-        return evaluate_handle(self.host, self.handle, ctx)
+        from tunestack.artifacts import instantiate
+
+        instances = [instantiate(record, self.host) for record in self.handle.transforms]
+        with self.host.activated(instances):  # methods that shaped the model report too
+            return evaluate_handle(self.host, self.handle, ctx, instances)
 
 
 def load(run_dir: str | Path, host: PluginHost | None = None) -> LoadedModel:

@@ -54,6 +54,7 @@ class Contract(BaseModel):
     produces: frozenset[str] = Field(default=frozenset(), description="tags that hold after it")
     removes: frozenset[str] = Field(default=frozenset(), description="tags it clears")
     forbids_after: frozenset[str] = Field(default=frozenset(), description="tags no later method may produce")
+    needs_training: bool = Field(default=False, description="the method only makes sense in a stage that trains")
     reasons: dict[str, str] = Field(default_factory=dict, description="why, per tag, for error messages")
 
     def apply(self, tags: frozenset[str]) -> frozenset[str]:

@@ -12,6 +12,7 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,7 @@ class Runner:
             data=data,
             device=accelerator.device,
             accelerator=accelerator,
+            tokenizer=handle.tokenizer,
             base_dir=self.plan.base_dir,
         )
         baseline = None
@@ -344,9 +346,9 @@ class Runner:
             return items
         for record in handle.transforms:
             hook = self.host.scoped_hook(instantiate(record, self.host))
-            hook.tunestack_transform_examples(examples=items, split=split, ctx=ctx)
+            hook.tunestack_transform_examples(examples=items, split=split, ctx=ctx, record=record)
         if ctx is not None and stage_only:
-            self.host.hook.tunestack_transform_examples(examples=items, split=split, ctx=ctx)
+            self.host.hook.tunestack_transform_examples(examples=items, split=split, ctx=ctx, record=None)
         return items
 
     def _batch_maker(self, handle: ModelHandle) -> Any:
@@ -427,7 +429,7 @@ class Runner:
             trainable_params=trained.trainable_params if trained is not None else 0,
             device=torch.device("cpu"),
         )
-        return evaluate_handle(self.host, handle, ctx, stage)
+        return evaluate_handle(self.host, handle, ctx, [m.instance for m in stage.methods] if stage else [])
 
     def _gate(
         self,
@@ -589,14 +591,14 @@ class GateFailed(RunFailed):
 
 
 def evaluate_handle(
-    host: PluginHost, handle: ModelHandle, ctx: EvalContext, stage: StagePlan | None = None
+    host: PluginHost, handle: ModelHandle, ctx: EvalContext, instances: Sequence[object] = ()
 ) -> dict[str, Any]:
     """Call every ``tunestack_evaluate`` implementation on its own and merge their metrics.
 
     Plugin modules' keys stay as they are; method instances' keys are prefixed with their slot
     key. A plugin that raises is reported under ``errors`` and the others still report.
     """
-    slot_keys = {f"method-{id(m.instance)}": m.slot.key for m in (stage.methods if stage else [])}
+    slot_keys = {f"method-{id(i)}": i.slot.key for i in instances if hasattr(i, "slot")}
     metrics: dict[str, Any] = {}
     owner: dict[str, str] = {}
     errors: dict[str, str] = {}

@@ -361,7 +361,8 @@ def _check_contracts(stages: list[StagePlan], initial: frozenset[str], task: str
                         f"(it supports: {', '.join(sorted(method.spec.tasks))})",
                     )
                 )
-            if "train" in contract.phases and not ({"prepare", "compress"} & contract.phases) and not stage.trains:
+            train_only = "train" in contract.phases and not ({"prepare", "compress"} & contract.phases)
+            if (train_only or contract.needs_training) and not stage.trains:
                 stage_label = stage.path or "this stack"
                 problems.append(
                     Problem(where, f"'{method.name}' only acts while training, but {stage_label} has epochs = 0")
