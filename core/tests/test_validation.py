@@ -158,6 +158,13 @@ def test_train_only_method_in_a_stage_without_training(plugin_host, make_stack):
     ]
 
 
+def test_method_that_needs_training_in_a_stage_without_training(plugin_host, make_stack):
+    stack = make_stack(stages=[{"name": "z", "epochs": 0, "stack": [{"method": "echo", "needs_training": True}]}])
+    assert problems_of(stack, plugin_host) == [
+        "stage[0].stack[0]: 'echo' only acts while training, but stage[0] has epochs = 0"
+    ]
+
+
 def test_method_validation_hook_reports_problems(plugin_host, make_stack):
     stack = make_stack(methods=[{"method": "echo", "problem": "ratio too large for 4 heads"}])
     assert problems_of(stack, plugin_host) == ["stack[0].problem: ratio too large for 4 heads"]

@@ -45,6 +45,7 @@ class EchoOptions(Options):
     produces: list[str] = Field([], description="contract: tags produced")
     removes: list[str] = Field([], description="contract: tags removed")
     forbids_after: list[str] = Field([], description="contract: tags later methods may not produce")
+    needs_training: bool = Field(False, description="contract: only valid in a stage that trains")
     transform: bool = Field(False, description="record a transform so save/rebuild fire")
     suffix: str | None = Field(None, description="append this to every input text")
     scale_loss: float = Field(1.0, description="multiply the training loss")
@@ -62,6 +63,7 @@ def contract(options: EchoOptions) -> Contract:
         produces=frozenset(options.produces),
         removes=frozenset(options.removes),
         forbids_after=frozenset(options.forbids_after),
+        needs_training=options.needs_training,
         reasons={tag: "echo says so" for tag in options.forbids_after},
     )
 
