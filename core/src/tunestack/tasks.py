@@ -430,10 +430,6 @@ class CausalLM(Task):
             features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": label_ids})
         return Encoded(features, truncated)
 
-    def outputs(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            return model(**self.model_inputs(batch)).logits.float()
-
     def evaluate(
         self,
         model: Any,
