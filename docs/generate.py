@@ -7,6 +7,7 @@ python docs/generate.py --check  # exit 1 if any of them is stale (the test suit
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,43 @@ def stack_page() -> str:
     return "\n".join(parts) + "\n"
 
 
-PAGES = {"cli.md": cli_page, "hooks.md": hooks_page, "stack-reference.md": stack_page}
+SNIPPET = re.compile(r"(<!-- snippet: (\S+) -->\n```python\n)(.*?)(```)", re.S)
+
+
+def refresh_snippets(text: str) -> str:
+    """Re-copy every ``<!-- snippet: path -->`` block from its file: from the block's first line to
+    its last, as they stand in the file now (so reformatting the source never leaves a stale copy)."""
+
+    def replace(match: re.Match[str]) -> str:
+        source = (DOCS.parent / match.group(2)).read_text(encoding="utf-8").splitlines()
+        lines = match.group(3).rstrip("\n").splitlines()
+        last = lines[-1]
+        head = lines[: min(len(lines), 3)]  # the first lines place the snippet unambiguously
+        starts = [i for i in range(len(source)) if source[i : i + len(head)] == head]
+        if not starts:
+            raise ValueError(f"{match.group(2)}: the snippet starting {head[0]!r} no longer exists; fix the doc")
+        start = starts[0]
+        end = start
+        if len(lines) > 1:
+            candidates = [i for i in range(start + 1, len(source)) if source[i] == last]
+            if not candidates:
+                raise ValueError(f"{match.group(2)}: the snippet ending {last!r} no longer exists; fix the doc")
+            end = candidates[0]
+        return match.group(1) + "\n".join(source[start : end + 1]) + "\n" + match.group(4)
+
+    return SNIPPET.sub(replace, text)
+
+
+def tutorial_page() -> str:
+    return refresh_snippets((DOCS / "writing-plugins.md").read_text(encoding="utf-8"))
+
+
+PAGES = {
+    "cli.md": cli_page,
+    "hooks.md": hooks_page,
+    "stack-reference.md": stack_page,
+    "writing-plugins.md": tutorial_page,
+}
 
 
 def main(argv: list[str]) -> int:
