@@ -108,6 +108,7 @@ class TransformRecord:
     slot: Slot
     state: dict[str, Any] = field(default_factory=dict)
     claimed: list[str] = field(default_factory=list)  # state-dict keys stored by the method itself
+    tags: list[str] = field(default_factory=list)  # what the method's contract produces ("adapters", ...)
 
     @property
     def folder(self) -> str:
@@ -125,6 +126,7 @@ class TransformRecord:
             },
             "state": self.state,
             "claimed": self.claimed,
+            "tags": self.tags,
         }
 
     @classmethod
@@ -142,6 +144,7 @@ class TransformRecord:
             ),
             state=dict(data.get("state", {})),
             claimed=list(data.get("claimed", [])),
+            tags=list(data.get("tags", [])),
         )
 
 
