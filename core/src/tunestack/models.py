@@ -193,6 +193,9 @@ def fit_tokenizer(model: Any, tokenizer: Any) -> None:
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = tokenizer.pad_token_id
+    if config is not None and not getattr(config, "type_vocab_size", 0):
+        # a BERT tokenizer on a GPT-2/Llama model: token types would be added as word embeddings
+        tokenizer.model_input_names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
 
 
 def offline_default() -> None:
