@@ -305,8 +305,8 @@ class Runner:
             self._call("tunestack_compress", stage, model=handle, ctx=ctx)
             handle.tags = stage.tags_after
             produced = {m.slot.key: sorted(m.contract.produces) for m in stage.methods}
-            for record in handle.transforms:  # later methods can tell, e.g., which records are adapters
-                record.tags = produced.get(record.slot.key, record.tags)
+            for transform in handle.transforms:  # later methods can tell, e.g., which records are adapters
+                transform.tags = produced.get(transform.slot.key, transform.tags)
             reloaded, diff = self._save_and_verify(handle, stage, stage_dir, data)
             eval_examples = self._transform(reloaded, self.eval_examples, "eval", None, stage_only=False)
             metrics = self._evaluate(reloaded, stage_dir / "model", trained, eval_examples, stage)

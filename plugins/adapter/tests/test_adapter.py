@@ -14,8 +14,9 @@ from tunestack.api import ModelHandle, Slot
 from tunestack.context import TransformRecord
 from tunestack.errors import StackError
 from tunestack.models import build_from_config
+from tunestack.testing import changed_parameters as changed
+from tunestack.testing import initial_model
 from tunestack.testing.conformance import check_method, conformance_host
-from tunestack.testing.stacks import tiny_model_config
 from tunestack.validation import load_plan
 from tunestack_adapter import CONTRACT, NOT_MERGEABLE, Adapter, AdapterOptions
 from tunestack_adapter.modules import ATTRIBUTE, BottleneckAdapter, find_point
@@ -26,23 +27,6 @@ DEPTH = 2
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def initial_model(family: str, task: str = "sequence-classification", labels=("negative", "positive")):
-    """The model a tiny stack starts from (same seed, same config, same head)."""
-    torch.manual_seed(0)
-    kwargs = (
-        {
-            "num_labels": len(labels),
-            "id2label": dict(enumerate(labels)),
-            "label2id": {label: i for i, label in enumerate(labels)},
-        }
-        if task != "causal-lm"
-        else {}
-    )
-    model = build_from_config(tiny_model_config(family), task, kwargs)
-    model.config.pad_token_id = 0
-    return model.eval()
 
 
 def batch(seed: int = 1, size: int = 4, length: int = 12) -> dict[str, torch.Tensor]:
@@ -85,14 +69,6 @@ def head_size(model) -> int:
 
 def analytic(adapters: int, r: int, d: int = HIDDEN) -> int:
     return adapters * (2 * d * r + r + d)
-
-
-def changed(before, after) -> set[str]:
-    after_state = after.state_dict()
-    return {n for n, t in before.state_dict().items() if n in after_state and not torch.equal(t, after_state[n])}
-
-
-# -- conformance -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("variant", ["houlsby", "pfeiffer"])

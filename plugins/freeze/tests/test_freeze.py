@@ -5,26 +5,10 @@ import torch
 
 import tunestack
 from tunestack.errors import StackError
-from tunestack.models import build_from_config
+from tunestack.testing import changed_parameters as changed
+from tunestack.testing import initial_model
 from tunestack.testing.conformance import check_method
-from tunestack.testing.stacks import tiny_model_config
 from tunestack.validation import load_plan
-
-
-def initial_model(family: str, labels=("negative", "positive")):
-    """The model a tiny stack starts from (same seed, same config, same head)."""
-    torch.manual_seed(0)
-    kwargs = {
-        "num_labels": len(labels),
-        "id2label": dict(enumerate(labels)),
-        "label2id": {name: i for i, name in enumerate(labels)},
-    }
-    return build_from_config(tiny_model_config(family), "sequence-classification", kwargs)
-
-
-def changed(before, after) -> set[str]:
-    after_state = after.state_dict()
-    return {n for n, t in before.state_dict().items() if n in after_state and not torch.equal(t, after_state[n])}
 
 
 def test_conformance(tmp_path):

@@ -9,7 +9,7 @@ import torch
 import tunestack
 from tunestack.api import Contract, Method, MethodSpec, Options, hookimpl
 from tunestack.errors import StackError, UserError
-from tunestack.models import build_from_config
+from tunestack.testing import initial_model
 from tunestack.testing.conformance import check_method, conformance_host
 from tunestack.testing.stacks import tiny_model_config, tiny_stack
 from tunestack.validation import load_plan
@@ -19,17 +19,6 @@ from tunestack_kd.student import keep_layers
 
 LABELS = ("negative", "positive")
 DEPTH_KEY = {"bert": "num_hidden_layers", "gpt2": "n_layer", "llama": "num_hidden_layers"}
-
-
-def initial_model(family: str = "bert", labels=LABELS, **config):
-    """The model a tiny stack starts from (same seed, same config, same head)."""
-    torch.manual_seed(0)
-    kwargs = {
-        "num_labels": len(labels),
-        "id2label": dict(enumerate(labels)),
-        "label2id": {label: i for i, label in enumerate(labels)},
-    }
-    return build_from_config(tiny_model_config(family, **config), "sequence-classification", kwargs)
 
 
 def kd_reports(result, stage: int = -1) -> dict:

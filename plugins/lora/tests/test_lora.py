@@ -10,6 +10,8 @@ import torch
 import tunestack
 from tunestack.errors import ModelError
 from tunestack.models import build_from_config
+from tunestack.testing import changed_parameters as changed
+from tunestack.testing import initial_model
 from tunestack.testing.stacks import tiny_model_config
 from tunestack_lora import LoraOptions, wrap
 
@@ -17,27 +19,11 @@ LABELS = ("negative", "positive")
 SAMPLE = ["the film was great and lovely", "the plot was dull", "the cast was superb"]
 
 
-def initial_model(family: str, labels=LABELS):
-    """The model a tiny sequence-classification stack starts from (same seed, config and head)."""
-    torch.manual_seed(0)
-    kwargs = {
-        "num_labels": len(labels),
-        "id2label": dict(enumerate(labels)),
-        "label2id": {label: i for i, label in enumerate(labels)},
-    }
-    return build_from_config(tiny_model_config(family), "sequence-classification", kwargs)
-
-
 def logits(model, tokenizer, texts=SAMPLE):
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     model.eval()
     with torch.no_grad():
         return model(**batch).logits
-
-
-def changed(before, after) -> set[str]:
-    state = after.state_dict()
-    return {n for n, t in before.state_dict().items() if n in state and not torch.equal(t, state[n])}
 
 
 def lora_report(result, stage: int = 0) -> dict:

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 import tunestack
 from tunestack.errors import StackError
+from tunestack.testing import changed_parameters as changed
+from tunestack.testing import initial_model
 from tunestack.validation import load_plan
 
 
@@ -91,29 +93,6 @@ def test_contract_refuses_a_prefix_on_an_adapter_model(plugin_host, make_stack):
 
 
 # -- whole runs -----------------------------------------------------------------------------------------
-
-
-def initial_model(family: str, task: str = "sequence-classification", labels=("negative", "positive")):
-    """The model a tiny stack starts from (same seed, config and head size)."""
-    from tunestack.models import build_from_config
-    from tunestack.testing.stacks import tiny_model_config
-
-    torch.manual_seed(0)
-    kwargs = (
-        {
-            "num_labels": len(labels),
-            "id2label": dict(enumerate(labels)),
-            "label2id": {name: i for i, name in enumerate(labels)},
-        }
-        if task != "causal-lm"
-        else {}
-    )
-    return build_from_config(tiny_model_config(family), task, kwargs)
-
-
-def changed(before, after) -> set[str]:
-    after_state = after.state_dict()
-    return {n for n, t in before.state_dict().items() if n in after_state and not torch.equal(t, after_state[n])}
 
 
 def base_of(model):

@@ -11,25 +11,13 @@ import torch
 import tunestack
 from tunestack.api import Contract, Field, Method, MethodSpec, Options, hookimpl
 from tunestack.errors import ModelError, StackError
-from tunestack.models import auto_class, build_from_config
+from tunestack.models import auto_class
 from tunestack.plugins import create_host
 from tunestack.testing.conformance import check_method
-from tunestack.testing.stacks import tiny_model_config
 from tunestack.validation import load_plan
 
 LABELS = ("negative", "positive")
 SAMPLE = ["the film was great and lovely", "the plot was dull", "the cast was superb"]
-
-
-def initial_model(family: str = "bert"):
-    """The model a tiny sequence-classification stack starts from (same seed, config and head)."""
-    torch.manual_seed(0)
-    kwargs = {
-        "num_labels": len(LABELS),
-        "id2label": dict(enumerate(LABELS)),
-        "label2id": {label: i for i, label in enumerate(LABELS)},
-    }
-    return build_from_config(tiny_model_config(family), "sequence-classification", kwargs)
 
 
 def logits(model, tokenizer, texts=SAMPLE):

@@ -21,9 +21,28 @@ from typing import Any
 import pytest
 
 from tunestack.testing.data import TinyData, write_tiny_data
-from tunestack.testing.stacks import FAMILIES, TASKS, stack_from_toml, tiny_model_config, tiny_stack
+from tunestack.testing.stacks import (
+    FAMILIES,
+    TASKS,
+    TINY_LABELS,
+    changed_parameters,
+    initial_model,
+    stack_from_toml,
+    tiny_model_config,
+    tiny_stack,
+)
 
-__all__ = ["FAMILIES", "TASKS", "TinyData", "tiny_model_config", "tiny_stack", "write_tiny_data"]
+__all__ = [
+    "FAMILIES",
+    "TASKS",
+    "TINY_LABELS",
+    "TinyData",
+    "changed_parameters",
+    "initial_model",
+    "tiny_model_config",
+    "tiny_stack",
+    "write_tiny_data",
+]
 
 
 @pytest.fixture(scope="session")

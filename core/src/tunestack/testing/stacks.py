@@ -88,3 +88,50 @@ def tiny_stack(
 
 def stack_from_toml(text: str) -> dict[str, Any]:
     return parse_toml(text, "inline stack")
+
+
+TINY_LABELS = ("negative", "positive")  # the labels of the tiny sentiment data
+
+
+def initial_model(
+    family: str = "bert",
+    task: str = "sequence-classification",
+    labels: tuple[str, ...] | list[str] = TINY_LABELS,
+    seed: int = 0,
+    **config: Any,
+) -> Any:
+    """Exactly the model a tiny stack (seed 0) starts from, to compare tensors before and after a run.
+
+    ``labels`` must be the labels the run sees (for token classification, its sorted tag set).
+    """
+    import torch
+
+    from tunestack.models import build_from_config, fit_tokenizer, load_tokenizer
+    from tunestack.sources import packaged_model_dir
+
+    kwargs = (
+        {}
+        if task == "causal-lm"
+        else {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)},
+        }
+    )
+    torch.manual_seed(seed)
+    model = build_from_config(tiny_model_config(family, **config), task, kwargs)
+    fit_tokenizer(model, load_tokenizer(packaged_model_dir()))
+    return model.eval()
+
+
+def changed_parameters(before: Any, after: Any) -> set[str]:
+    """Names of state-dict entries present in both models whose values differ."""
+    import torch
+
+    after_state = after.state_dict()
+    return {
+        name
+        for name, tensor in before.state_dict().items()
+        if name in after_state
+        and (after_state[name].shape != tensor.shape or not torch.equal(tensor, after_state[name]))
+    }
