@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,33 @@ def conll_tags(rows: dict[str, Any], name: str) -> str:
     return "\n".join(lines)
 
 
+def prompt_sweep(rows: dict[str, Any]) -> str:
+    import statistics
+
+    out = []
+    zero = rows.get("sst2-prompt-zeroshot")
+    full = rows.get("sst2-full-ft")
+    if zero:
+        out.append(["zero-shot", f"{zero['value']:.4f}", "-", 1])
+    means = []
+    for k in (4, 16, 64):
+        values = [rows[n]["value"] for n in (f"sst2-prompt-k{k}-s{s}" for s in (0, 1, 2)) if n in rows]
+        if not values:
+            continue
+        mean = statistics.mean(values)
+        means.append(mean)
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append([f"k = {k}", f"{mean:.4f}", f"{spread:.4f}", len(values)])
+    if not out:
+        return ""
+    out.append(["majority class", "0.5092", "-", "-"])
+    if full:
+        out.append(["full fine-tuning", f"{full['value']:.4f}", "-", 1])
+    rises = all(b >= a for a, b in itertools.pairwise(means)) and (not zero or not means or means[0] >= zero["value"])
+    table = _table(["setting", "accuracy", "std", "draws"], out)
+    return table + f"\n\nAccuracy rises with k: **{'yes' if rises else 'no'}**."
+
+
 def efficiency(results: dict[str, Any]) -> str:
     peak = results.get("gemm_peak_gflops")
     rows = []
@@ -209,6 +237,10 @@ def write(results: dict[str, Any], out: Path) -> None:
             ok = (p[1] >= 0.659) if p[0].endswith("zeroshot") else (zero is not None and p[1] > zero)
             p.append(_met(ok))
         parts.append(_table(["row", "accuracy", "target", ""], prompt))
+    sweep = prompt_sweep(rows)
+    if sweep:
+        parts.append("\n### SST-2: few-shot prompts, k examples per class, 3 draws each (mean ± std)\n")
+        parts.append(sweep)
     parts.append("\n### SST-2: compression and distillation (vs the fine-tuned model)\n")
     parts.append(
         compression(

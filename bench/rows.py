@@ -367,6 +367,21 @@ ROWS: list[Row] = [
     ),
 ]
 
+
+def _prompt_row(shots: int, seed: int) -> Row:
+    name = f"sst2-prompt-k{shots}-s{seed}"
+    method = {"method": "prompt", "template": TEMPLATE, "verbalizers": VERBALIZERS, "shots": shots, "shot_seed": seed}
+    return Row(
+        name,
+        "sst2",
+        "prompt-sweep",
+        stack=lambda s, r: with_stack(sst2_base(s, name), [method], epochs=0),
+        target="accuracy rises with k",
+    )
+
+
+ROWS += [_prompt_row(k, seed) for k in (4, 16, 64) for seed in (0, 1, 2)]
+
 QUICK_ROWS = {
     "sst2-full-ft",
     "sst2-lora",
