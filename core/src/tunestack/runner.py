@@ -98,7 +98,8 @@ class Runner:
         )
         main = self.accelerator.is_main_process
         self.folder = RunFolder(self.out / self.plan.name, self.resume, self.force, main)
-        resuming = self.folder.begin()
+        # only the main process checks and prepares the folder; the others would see it half made
+        resuming = self.folder.begin() if main else self.resume
         self.accelerator.wait_for_everyone()
         self.root = self.folder.partial
         self.log = RunLog(self.root / "log.jsonl", enabled=main)
