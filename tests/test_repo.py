@@ -178,3 +178,21 @@ def test_tutorial_commands_work_in_order(tmp_path):
     import shutil
 
     shutil.rmtree(ROOT / "runs" / "ia3-demo", ignore_errors=True)
+
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
+
+
+@pytest.mark.parametrize("stack", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_stacks_validate(stack, plugin_host):
+    """Every example is valid; the only problem allowed is benchmark data absent beside this checkout."""
+    from tunestack.errors import StackError
+    from tunestack.validation import load_plan
+
+    shared = (ROOT.parent / "shared" / "data").resolve()
+    try:
+        load_plan(stack, plugin_host)
+    except StackError as error:
+        others = [p for p in error.problems if not (p.message.startswith("file not found") and str(shared) in p.message)]
+        assert not others, [str(p) for p in others]
+        assert not shared.exists(), "the shared data is there, yet the example does not validate"
