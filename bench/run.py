@@ -90,6 +90,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rerun", action="store_true")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from results.json")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--latency-pass", action="store_true", help="redo the side-by-side latency pass")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
@@ -103,7 +104,7 @@ def main(argv: list[str]) -> int:
     if not args.report:
         rows = [r for r in ROWS if (not args.quick or r.name in QUICK_ROWS) and (not args.only or r.name in args.only)]
         suite_started = time.time()
-        for row in rows:
+        for row in rows if not (args.latency_pass and not args.only) else []:
             if row.name in results["rows"] and not args.rerun:
                 print(f"= {row.name}: done earlier", flush=True)
                 continue
@@ -129,6 +130,11 @@ def main(argv: list[str]) -> int:
             print("> overhead ...", flush=True)
             results["overhead"] = overhead.measure(out / "runs")
             results["gemm_peak_gflops"] = round(overhead.gemm_peak_gflops(), 1)
+        if not args.only or args.latency_pass:
+            import latency
+
+            print("> side-by-side latency pass ...", flush=True)
+            results["latency"] = latency.side_by_side(results["rows"])
         results["suite_seconds"] = round(results.get("suite_seconds", 0) + time.time() - suite_started, 1)
         results["machine"] = machine()
         results_file.write_text(json.dumps(results, indent=2, default=str))
