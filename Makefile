@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/tunestack run examples/quickstart.toml --out runs --force
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check core plugins tests examples bench
