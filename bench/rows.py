@@ -112,259 +112,181 @@ def from_run(base: dict[str, Any], run: Path, stages: list[dict[str, Any]]) -> d
 
 VERBALIZERS = {"0": ["negative", "bad", "terrible"], "1": ["positive", "good", "great"]}
 TEMPLATE = "Review: {text} Sentiment: {label}"
+STUDENT = {"from_teacher": True, "keep_layers": [0, 2, 4]}
+BASES = {"sst2": sst2_base, "conll": conll_base}
 
+
+def single(task: str, name: str, group: str, methods: list[dict[str, Any]], target: str, **train: Any) -> Row:
+    """A one-stage row on the packaged MiniLM."""
+    return Row(name, task, group, stack=lambda s, r: with_stack(BASES[task](s, name), methods, **train), target=target)
+
+
+def after(task: str, name: str, group: str, base: str, stages: list[dict[str, Any]], target: str) -> Row:
+    """A row that starts from another row's finished run (compression of the fine-tuned model)."""
+    return Row(
+        name,
+        task,
+        group,
+        needs=(base,),
+        stack=lambda s, r: from_run(BASES[task](s, name), r[base], stages),
+        target=target,
+    )
+
+
+def int8(mode: str) -> list[dict[str, Any]]:
+    return [{"name": "int8", "epochs": 0, "stack": [{"method": "int8", "mode": mode}]}]
+
+
+def _lora_prune_int8(s: Settings, runs: dict[str, Path]) -> dict[str, Any]:
+    return {
+        **sst2_base(s, "sst2-stack-lora-prune-int8"),
+        "stage": [
+            {"name": "adapt", "learning_rate": 5e-4, "stack": [{"method": "lora", "r": 8, "merge": True}]},
+            {
+                "name": "shrink",
+                "learning_rate": 1e-4,
+                "stack": [
+                    {"method": "kd", "teacher": str(runs["sst2-full-ft"])},
+                    {"method": "prune", "ratio": 0.4, "importance": "taylor"},
+                ],
+            },
+            *int8("dynamic"),
+        ],
+    }
+
+
+FT = "sst2-full-ft"
 ROWS: list[Row] = [
-    Row(
-        "sst2-full-ft",
+    single("sst2", FT, "adaptation", [], "baseline"),
+    single("sst2", "sst2-lora", "adaptation", [{"method": "lora", "r": 8}], "retention >= 99%", learning_rate=5e-4),
+    single(
         "sst2",
-        "adaptation",
-        stack=lambda s, r: with_stack(sst2_base(s, "sst2-full-ft"), []),
-        target="baseline",
-    ),
-    Row(
-        "sst2-lora",
-        "sst2",
-        "adaptation",
-        stack=lambda s, r: with_stack(sst2_base(s, "sst2-lora"), [{"method": "lora", "r": 8}], learning_rate=5e-4),
-        target="retention >= 99%",
-    ),
-    Row(
         "sst2-adapter-houlsby",
-        "sst2",
         "adaptation",
-        stack=lambda s, r: with_stack(
-            sst2_base(s, "sst2-adapter-houlsby"), [{"method": "adapter", "variant": "houlsby"}], learning_rate=1e-3
-        ),
-        target="retention >= 99%",
+        [{"method": "adapter", "variant": "houlsby"}],
+        "retention >= 99%",
+        learning_rate=1e-3,
     ),
-    Row(
+    single(
+        "sst2",
         "sst2-adapter-pfeiffer",
-        "sst2",
         "adaptation",
-        stack=lambda s, r: with_stack(
-            sst2_base(s, "sst2-adapter-pfeiffer"), [{"method": "adapter", "variant": "pfeiffer"}], learning_rate=1e-3
-        ),
-        target="retention >= 99%",
+        [{"method": "adapter", "variant": "pfeiffer"}],
+        "retention >= 99%",
+        learning_rate=1e-3,
     ),
-    Row(
+    single(
+        "sst2",
         "sst2-prefix",
-        "sst2",
         "adaptation",
-        stack=lambda s, r: with_stack(
-            sst2_base(s, "sst2-prefix"), [{"method": "prefix", "mode": "prefix"}], learning_rate=1e-2
-        ),
-        target="retention >= 97%",
+        [{"method": "prefix", "mode": "prefix", "projection": True}],
+        "retention >= 97%",
+        learning_rate=1e-2,
     ),
-    Row(
+    single(
+        "sst2",
         "sst2-bitfit",
-        "sst2",
         "adaptation",
-        stack=lambda s, r: with_stack(
-            sst2_base(s, "sst2-bitfit"), [{"method": "freeze", "bitfit": True}], learning_rate=1e-3
-        ),
-        target="retention >= 98%",
+        [{"method": "freeze", "bitfit": True}],
+        "retention >= 98%",
+        learning_rate=1e-3,
     ),
-    Row(
+    single(
+        "sst2",
         "sst2-prompt-zeroshot",
-        "sst2",
         "prompt",
-        stack=lambda s, r: with_stack(
-            sst2_base(s, "sst2-prompt-zeroshot"),
-            [{"method": "prompt", "template": TEMPLATE, "verbalizers": VERBALIZERS}],
-            epochs=0,
-        ),
-        target=">= 15 points above majority (50.9%)",
+        [{"method": "prompt", "template": TEMPLATE, "verbalizers": VERBALIZERS}],
+        ">= 15 points above majority (50.9%)",
+        epochs=0,
     ),
-    Row(
+    single(
+        "sst2",
         "sst2-prompt-16shot",
-        "sst2",
         "prompt",
-        stack=lambda s, r: with_stack(
-            sst2_base(s, "sst2-prompt-16shot"),
-            [{"method": "prompt", "template": TEMPLATE, "verbalizers": VERBALIZERS, "shots": 16}],
-            epochs=0,
-        ),
-        target="above zero-shot",
+        [{"method": "prompt", "template": TEMPLATE, "verbalizers": VERBALIZERS, "shots": 16}],
+        "above zero-shot",
+        epochs=0,
     ),
-    Row(
-        "sst2-int8-dynamic",
+    after("sst2", "sst2-int8-dynamic", "compression", FT, int8("dynamic"), "<= 0.5 pt loss, >= 1.6x at b1 and b32"),
+    after("sst2", "sst2-int8-static", "compression", FT, int8("static"), "<= 0.5 pt loss, >= 1.6x at b1 and b32"),
+    after(
         "sst2",
-        "compression",
-        needs=("sst2-full-ft",),
-        stack=lambda s, r: from_run(
-            sst2_base(s, "sst2-int8-dynamic"),
-            r["sst2-full-ft"],
-            [{"name": "int8", "epochs": 0, "stack": [{"method": "int8", "mode": "dynamic"}]}],
-        ),
-        target="<= 0.5 pt loss, >= 1.6x at b1 and b32",
-    ),
-    Row(
-        "sst2-int8-static",
-        "sst2",
-        "compression",
-        needs=("sst2-full-ft",),
-        stack=lambda s, r: from_run(
-            sst2_base(s, "sst2-int8-static"),
-            r["sst2-full-ft"],
-            [{"name": "int8", "epochs": 0, "stack": [{"method": "int8", "mode": "static"}]}],
-        ),
-        target="<= 0.5 pt loss, >= 1.6x at b1 and b32",
-    ),
-    Row(
         "sst2-prune40-only",
-        "sst2",
         "compression",
-        needs=("sst2-full-ft",),
-        stack=lambda s, r: from_run(
-            sst2_base(s, "sst2-prune40-only"),
-            r["sst2-full-ft"],
-            [{"name": "prune", "epochs": 0, "stack": [{"method": "prune", "ratio": 0.4}]}],
-        ),
-        target="(no recovery)",
+        FT,
+        [{"name": "prune", "epochs": 0, "stack": [{"method": "prune", "ratio": 0.4}]}],
+        "(no recovery)",
     ),
-    Row(
+    after(
+        "sst2",
         "sst2-prune40-kd",
-        "sst2",
         "compression",
-        needs=("sst2-full-ft",),
-        stack=lambda s, r: from_run(
-            sst2_base(s, "sst2-prune40-kd"),
-            r["sst2-full-ft"],
-            [
-                {
-                    "name": "prune-recover",
-                    "learning_rate": 1e-4,
-                    "stack": [
-                        {"method": "kd", "teacher": "input"},
-                        {"method": "prune", "ratio": 0.4, "importance": "taylor"},
-                    ],
-                },
-            ],
-        ),
-        target=">= 98% kept, >= 1.5x",
+        FT,
+        [
+            {
+                "name": "prune-recover",
+                "learning_rate": 1e-4,
+                "stack": [
+                    {"method": "kd", "teacher": "input"},
+                    {"method": "prune", "ratio": 0.4, "importance": "taylor"},
+                ],
+            }
+        ],
+        ">= 98% kept, >= 1.5x",
     ),
-    Row(
+    after(
+        "sst2",
         "sst2-student-nokd",
-        "sst2",
         "distillation",
-        needs=("sst2-full-ft",),
-        stack=lambda s, r: from_run(
-            sst2_base(s, "sst2-student-nokd"),
-            r["sst2-full-ft"],
-            [
-                {
-                    "name": "student",
-                    "learning_rate": 1e-4,
-                    "stack": [
-                        {"method": "kd", "alpha": 1.0, "student": {"from_teacher": True, "keep_layers": [0, 2, 4]}}
-                    ],
-                },
-            ],
-        ),
-        target="(KD must beat this)",
+        FT,
+        [{"name": "student", "learning_rate": 1e-4, "stack": [{"method": "kd", "alpha": 1.0, "student": STUDENT}]}],
+        "(KD must beat this)",
     ),
-    Row(
-        "sst2-kd-student",
+    after(
         "sst2",
+        "sst2-kd-student",
         "distillation",
-        needs=("sst2-full-ft",),
-        stack=lambda s, r: from_run(
-            sst2_base(s, "sst2-kd-student"),
-            r["sst2-full-ft"],
-            [
-                {
-                    "name": "student",
-                    "learning_rate": 1e-4,
-                    "stack": [
-                        {
-                            "method": "kd",
-                            "alpha": 0.5,
-                            "temperature": 2.0,
-                            "student": {"from_teacher": True, "keep_layers": [0, 2, 4]},
-                        }
-                    ],
-                },
-            ],
-        ),
-        target=">= 97% of teacher at >= 1.8x",
+        FT,
+        [
+            {
+                "name": "student",
+                "learning_rate": 1e-4,
+                "stack": [{"method": "kd", "alpha": 0.5, "temperature": 2.0, "student": STUDENT}],
+            }
+        ],
+        ">= 97% of teacher at >= 1.8x",
     ),
     Row(
         "sst2-stack-lora-prune-int8",
         "sst2",
         "stacks",
-        needs=("sst2-full-ft",),
-        stack=lambda s, r: {
-            **sst2_base(s, "sst2-stack-lora-prune-int8"),
-            "stage": [
-                {"name": "adapt", "learning_rate": 5e-4, "stack": [{"method": "lora", "r": 8, "merge": True}]},
-                {
-                    "name": "shrink",
-                    "learning_rate": 1e-4,
-                    "stack": [
-                        {"method": "kd", "teacher": str(r["sst2-full-ft"])},
-                        {"method": "prune", "ratio": 0.4, "importance": "taylor"},
-                    ],
-                },
-                {"name": "quantize", "epochs": 0, "stack": [{"method": "int8", "mode": "dynamic"}]},
-            ],
-        },
+        needs=(FT,),
+        stack=_lora_prune_int8,
         target=">= 96% kept, >= 2.5x, file <= 0.35x",
     ),
-    Row(
-        "sst2-stack-kd-lora-int8",
+    after(
         "sst2",
+        "sst2-stack-kd-lora-int8",
         "stacks",
-        needs=("sst2-full-ft",),
-        stack=lambda s, r: from_run(
-            sst2_base(s, "sst2-stack-kd-lora-int8"),
-            r["sst2-full-ft"],
-            [
-                {
-                    "name": "student",
-                    "learning_rate": 1e-4,
-                    "stack": [{"method": "kd", "student": {"from_teacher": True, "keep_layers": [0, 2, 4]}}],
-                },
-                {"name": "adapt", "learning_rate": 5e-4, "stack": [{"method": "lora", "r": 8, "merge": True}]},
-                {"name": "quantize", "epochs": 0, "stack": [{"method": "int8", "mode": "dynamic"}]},
-            ],
-        ),
-        target="(reported)",
+        FT,
+        [
+            {"name": "student", "learning_rate": 1e-4, "stack": [{"method": "kd", "student": STUDENT}]},
+            {"name": "adapt", "learning_rate": 5e-4, "stack": [{"method": "lora", "r": 8, "merge": True}]},
+            *int8("dynamic"),
+        ],
+        "(reported)",
     ),
-    Row(
-        "conll-full-ft",
+    single("conll", "conll-full-ft", "conll", [], "baseline"),
+    single("conll", "conll-lora", "conll", [{"method": "lora", "r": 8}], "F1 retention >= 98%", learning_rate=1e-3),
+    single(
         "conll",
-        "conll",
-        stack=lambda s, r: with_stack(conll_base(s, "conll-full-ft"), []),
-        target="baseline",
-    ),
-    Row(
-        "conll-lora",
-        "conll",
-        "conll",
-        stack=lambda s, r: with_stack(conll_base(s, "conll-lora"), [{"method": "lora", "r": 8}], learning_rate=1e-3),
-        target="F1 retention >= 98%",
-    ),
-    Row(
         "conll-adapter",
         "conll",
-        "conll",
-        stack=lambda s, r: with_stack(
-            conll_base(s, "conll-adapter"), [{"method": "adapter", "variant": "pfeiffer"}], learning_rate=1e-3
-        ),
-        target="F1 retention >= 98%",
+        [{"method": "adapter", "variant": "pfeiffer"}],
+        "F1 retention >= 98%",
+        learning_rate=1e-3,
     ),
-    Row(
-        "conll-int8-dynamic",
-        "conll",
-        "conll",
-        needs=("conll-full-ft",),
-        stack=lambda s, r: from_run(
-            conll_base(s, "conll-int8-dynamic"),
-            r["conll-full-ft"],
-            [{"name": "int8", "epochs": 0, "stack": [{"method": "int8", "mode": "dynamic"}]}],
-        ),
-        target="(reported)",
-    ),
+    after("conll", "conll-int8-dynamic", "conll", "conll-full-ft", int8("dynamic"), "(reported)"),
 ]
 
 
