@@ -15,7 +15,14 @@ import torch
 
 
 def count_parameters(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters, including int8 weights that quantized modules keep packed outside ``parameters()``."""
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if hasattr(module, "_packed_params") and callable(getattr(module, "weight", None)):
+            total += module.weight().numel()
+            bias = module.bias() if callable(getattr(module, "bias", None)) else None
+            total += bias.numel() if bias is not None else 0
+    return total
 
 
 def fixed_length_batch(
