@@ -246,7 +246,9 @@ def _progress_bar(total: int, initial: int, name: str, enabled: bool) -> Any:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=f"train {name}", unit="step", leave=False, dynamic_ncols=True)
+    return tqdm(
+        total=total, initial=initial, desc=f"train {name}", unit="step", leave=False, dynamic_ncols=True, disable=None
+    )
 
 
 def _check_finite(loss: Any, accelerator: Any, step: int, epoch: int, ctx: StageContext, checkpoint: Path) -> None:
