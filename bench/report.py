@@ -97,7 +97,7 @@ def compression(rows: dict[str, Any], base_name: str, names: list[str]) -> str:
             if "macs_after" in report and "macs_before" in report:
                 macs = _ratio(report["macs_before"], report["macs_after"])
         ok = None
-        if name.startswith("sst2-int8"):
+        if name in {"sst2-int8-dynamic", "sst2-int8-static", "sst2-int8-torchao-compiled"}:
             ok = delta >= -0.5 and (b1 or 0) >= 1.6 and (b32 or 0) >= 1.6
         elif name == "sst2-prune40-kd":
             ok = (retention or 0) >= 0.98 and (b32 or 0) >= 1.5
