@@ -45,11 +45,24 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def best_of_grid(rows: dict[str, Any], name: str) -> tuple[dict[str, Any] | None, str]:
+    """The best row among ``name`` and its learning-rate variants, and a note of every rate tried."""
+    tried = {key: row for key, row in rows.items() if key == name or key.startswith(name + "-lr")}
+    if not tried:
+        return None, ""
+    best = max(tried.values(), key=lambda row: row["value"] if row["value"] is not None else -1.0)
+    note = ", ".join(
+        f"{row.get('learning_rate', '?'):g}: {row['value']:.4f}"
+        for row in sorted(tried.values(), key=lambda row: row.get("learning_rate") or 0)
+    )
+    return best, note
+
+
 def adaptation(rows: dict[str, Any], base_name: str, names: list[str], bars: dict[str, float]) -> str:
-    base = rows.get(base_name)
+    base, _ = best_of_grid(rows, base_name)
     out = []
     for name in [base_name, *names]:
-        r = rows.get(name)
+        r, tried = best_of_grid(rows, name)
         if r is None:
             continue
         retention = _ratio(r["value"], base["value"]) if base else None
@@ -63,17 +76,19 @@ def adaptation(rows: dict[str, Any], base_name: str, names: list[str], bars: dic
                 f"{share:.2%}" if share else "-",
                 r["params_trainable"],
                 r["train_examples_per_s"],
+                tried,
                 f">= {bar:.0%}" if bar else "baseline",
                 _met(retention >= bar if (bar and retention) else None),
             ]
         )
     headers = [
         "row",
-        rows[names[0]]["metric"] if names and names[0] in rows else "metric",
+        "metric",
         "retention",
         "trainable %",
         "trainable",
         "train ex/s",
+        "learning rates tried: dev metric",
         "target",
         "",
     ]
@@ -81,7 +96,7 @@ def adaptation(rows: dict[str, Any], base_name: str, names: list[str], bars: dic
 
 
 def compression(rows: dict[str, Any], base_name: str, names: list[str]) -> str:
-    base = rows.get(base_name)
+    base, _ = best_of_grid(rows, base_name)
     out = []
     for name in names:
         r = rows.get(name)

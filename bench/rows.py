@@ -290,6 +290,29 @@ ROWS: list[Row] = [
 ]
 
 
+# A small learning-rate grid for the training rows: each method is reported at its best rate on the
+# dev set (the usual protocol), with every rate tried listed next to it.
+GRID = {
+    FT: ([], [1e-4, 2e-4]),
+    "sst2-lora": ([{"method": "lora", "r": 8}], [1e-3, 2e-3]),
+    "sst2-adapter-houlsby": ([{"method": "adapter", "variant": "houlsby"}], [3e-3]),
+    "sst2-adapter-pfeiffer": ([{"method": "adapter", "variant": "pfeiffer"}], [3e-3]),
+    "sst2-bitfit": ([{"method": "freeze", "bitfit": True}], [5e-3]),
+    "sst2-prefix": ([{"method": "prefix", "mode": "prefix", "projection": True}], [3e-2]),
+}
+
+
+def lr_name(base: str, rate: float) -> str:
+    return f"{base}-lr{rate:g}"
+
+
+ROWS += [
+    single("sst2", lr_name(base, rate), "lr-grid", methods, f"grid for {base}", learning_rate=rate)
+    for base, (methods, rates) in GRID.items()
+    for rate in rates
+]
+
+
 def _prompt_row(shots: int, seed: int) -> Row:
     name = f"sst2-prompt-k{shots}-s{seed}"
     method = {"method": "prompt", "template": TEMPLATE, "verbalizers": VERBALIZERS, "shots": shots, "shot_seed": seed}

@@ -62,6 +62,7 @@ def row_record(row: Row, result: Any) -> dict[str, Any]:
         "train_examples_per_s": trained[-1]["examples_per_s"] if trained else None,
         "train_tokens_per_s": trained[-1]["tokens_per_s"] if trained else None,
         "train_seconds": sum(t["seconds"] for t in trained),
+        "learning_rate": max((s["train"]["learning_rate"] for s in stages if s.get("train")), default=None),
         "methods": [[m["method"] for m in s["methods"]] for s in stages],
         "reports": {m["key"]: m["reports"] for s in stages for m in s["methods"] if m["reports"]},
     }
