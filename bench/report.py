@@ -51,11 +51,21 @@ def best_of_grid(rows: dict[str, Any], name: str) -> tuple[dict[str, Any] | None
     if not tried:
         return None, ""
     best = max(tried.values(), key=lambda row: row["value"] if row["value"] is not None else -1.0)
-    note = ", ".join(
-        f"{row.get('learning_rate', '?'):g}: {row['value']:.4f}"
-        for row in sorted(tried.values(), key=lambda row: row.get("learning_rate") or 0)
-    )
+    note = ", ".join(f"{_rate(row):g}: {row['value']:.4f}" for row in sorted(tried.values(), key=_rate))
     return best, note
+
+
+def _rate(row: dict[str, Any]) -> float:
+    """The row's learning rate (older results lack the field: read it from the run's resolved stack)."""
+    if row.get("learning_rate"):
+        return float(row["learning_rate"])
+    import tomllib
+
+    resolved = Path(row["run_dir"]) / "stack.resolved.toml"
+    if resolved.exists():
+        stages = tomllib.loads(resolved.read_text(encoding="utf-8")).get("stage", [])
+        return float(max((s.get("learning_rate", 0.0) for s in stages), default=0.0))
+    return 0.0
 
 
 def adaptation(rows: dict[str, Any], base_name: str, names: list[str], bars: dict[str, float]) -> str:
@@ -96,7 +106,7 @@ def adaptation(rows: dict[str, Any], base_name: str, names: list[str], bars: dic
 
 
 def compression(rows: dict[str, Any], base_name: str, names: list[str]) -> str:
-    base, _ = best_of_grid(rows, base_name)
+    base = rows.get(base_name)  # compression is measured against the very run it started from
     out = []
     for name in names:
         r = rows.get(name)

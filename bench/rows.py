@@ -298,7 +298,8 @@ GRID = {
     "sst2-adapter-houlsby": ([{"method": "adapter", "variant": "houlsby"}], [3e-3]),
     "sst2-adapter-pfeiffer": ([{"method": "adapter", "variant": "pfeiffer"}], [3e-3]),
     "sst2-bitfit": ([{"method": "freeze", "bitfit": True}], [5e-3]),
-    "sst2-prefix": ([{"method": "prefix", "mode": "prefix", "projection": True}], [3e-2]),
+    # the main prefix row uses the reparametrisation MLP; the grid tries the plain table
+    "sst2-prefix": ([{"method": "prefix", "mode": "prefix"}], [5e-3, 3e-2]),
 }
 
 
