@@ -331,3 +331,42 @@ def _plot(rows: dict[str, Any], out: Path) -> None:
     paths = [Path(r["run_dir"]) for r in rows.values() if r["task"] == "sst2" and Path(r["run_dir"]).exists()]
     if len(paths) >= 2:
         plot(compare_runs(paths), out / "pareto.png", latency="b32")
+
+
+def update_docs(results: dict[str, Any], out: Path, docs: Path) -> None:
+    """Put the tables, the plot and where they come from into docs/benchmarks.md."""
+    import shutil
+
+    machine = results.get("machine", {})
+    cpu = machine.get("cpu", {})
+    libraries = machine.get("libraries", {})
+    figure = docs / "img" / "benchmarks-pareto.png"
+    if (out / "pareto.png").exists():
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "pareto.png", figure)
+    hours = results.get("suite_seconds", 0) / 3600
+    settings = results.get("settings", {})
+    lines = [
+        f"Measured on {machine.get('date', '?')} with `python bench/run.py` (settings: SST-2 "
+        f"{settings.get('sst2_train')} training examples x {settings.get('sst2_epochs')} epochs; CoNLL-2003 "
+        f"{settings.get('conll_train')} training sentences x {settings.get('conll_epochs')} epochs; seed "
+        f"{settings.get('seed')}).",
+        f"Machine: {cpu.get('model', '?')}, {cpu.get('cores', '?')} cores ({', '.join(cpu.get('flags', []))}), "
+        f"torch threads {machine.get('torch_threads', '?')}. The suite's training and evaluation took "
+        f"{hours:.1f} h of wall time in total.",
+        "Libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(libraries.items())) + ".",
+        "",
+        "Latencies and speed-ups come from the side-by-side pass (every final model timed in turn, "
+        f"{results.get('latency', {}).get('rounds', '?')} rounds, median), not from each run's own measurement.",
+        "",
+        (out / "results.md").read_text(encoding="utf-8").strip(),
+        "",
+        "![accuracy against CPU latency at batch 32; marker area follows the model's size on disk]"
+        "(img/benchmarks-pareto.png)",
+    ]
+    page = docs / "benchmarks.md"
+    text = page.read_text(encoding="utf-8")
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    page.write_text(before + start + "\n" + "\n".join(lines) + "\n" + end + after, encoding="utf-8")

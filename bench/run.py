@@ -91,6 +91,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rerun", action="store_true")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from results.json")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--docs", action="store_true", help="also update docs/benchmarks.md")
     parser.add_argument("--latency-pass", action="store_true", help="redo the side-by-side latency pass")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
@@ -144,6 +145,9 @@ def main(argv: list[str]) -> int:
 
     report.write(results, out)
     print(f"wrote {out / 'results.md'}")
+    if args.docs:
+        report.update_docs(results, out, HERE.parent / "docs")
+        print("updated docs/benchmarks.md")
     return 0
 
 
