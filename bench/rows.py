@@ -301,6 +301,10 @@ GRID = {
     # the main prefix row uses the reparametrisation MLP; the grid tries the plain table
     "sst2-prefix": ([{"method": "prefix", "mode": "prefix"}], [5e-3, 3e-2]),
 }
+CONLL_GRID = {
+    "conll-lora": ([{"method": "lora", "r": 8}], [3e-3]),
+    "conll-adapter": ([{"method": "adapter", "variant": "pfeiffer"}], [3e-3]),
+}
 
 
 def lr_name(base: str, rate: float) -> str:
@@ -308,8 +312,9 @@ def lr_name(base: str, rate: float) -> str:
 
 
 ROWS += [
-    single("sst2", lr_name(base, rate), "lr-grid", methods, f"grid for {base}", learning_rate=rate)
-    for base, (methods, rates) in GRID.items()
+    single(task, lr_name(base, rate), "lr-grid", methods, f"grid for {base}", learning_rate=rate)
+    for task, grid in (("sst2", GRID), ("conll", CONLL_GRID))
+    for base, (methods, rates) in grid.items()
     for rate in rates
 ]
 
