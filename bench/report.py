@@ -139,7 +139,7 @@ def compression(rows: dict[str, Any], base_name: str, names: list[str]) -> str:
                 f"{retention:.2%}" if retention else "-",
                 f"{b1:.2f}x" if b1 else "-",
                 f"{b32:.2f}x" if b32 else "-",
-                f"{size:.2f}x" if size else "-",
+                f"{size:.3f}x" if size else "-",
                 f"{macs:.2f}x" if macs else "-",
                 r["params_total"],
                 r["target"],
@@ -203,9 +203,14 @@ def prompt_sweep(rows: dict[str, Any]) -> str:
     out.append(["majority class", "0.5092", "-", "-"])
     if full:
         out.append(["full fine-tuning", f"{full['value']:.4f}", "-", 1])
-    rises = all(b >= a for a, b in itertools.pairwise(means)) and (not zero or not means or means[0] >= zero["value"])
+    rises = all(b >= a for a, b in itertools.pairwise(means))
+    above_zero = bool(zero and means) and min(means) >= zero["value"]
     table = _table(["setting", "accuracy", "std", "draws"], out)
-    return table + f"\n\nAccuracy rises with k: **{'yes' if rises else 'no'}**."
+    return (
+        table
+        + f"\n\nMean accuracy rises with k (4 -> 16 -> 64): **{'yes' if rises else 'no'}**; "
+        + f"every k above zero-shot: **{'yes' if above_zero else 'no'}**."
+    )
 
 
 def efficiency(results: dict[str, Any]) -> str:
@@ -279,6 +284,7 @@ def write(results: dict[str, Any], out: Path) -> None:
             [
                 "sst2-int8-dynamic",
                 "sst2-int8-static",
+                "sst2-int8-torchao-compiled",
                 "sst2-prune40-only",
                 "sst2-prune40-kd",
                 "sst2-student-nokd",

@@ -211,6 +211,20 @@ ROWS: list[Row] = [
     after("sst2", "sst2-int8-static", "compression", FT, int8("static"), "<= 0.5 pt loss, >= 1.6x at b1 and b32"),
     after(
         "sst2",
+        "sst2-int8-torchao-compiled",
+        "compression",
+        FT,
+        [
+            {
+                "name": "int8",
+                "epochs": 0,
+                "stack": [{"method": "int8", "mode": "static", "backend": "torchao", "compile": True}],
+            }
+        ],
+        "(opt-in: compiled kernels)",
+    ),
+    after(
+        "sst2",
         "sst2-prune40-only",
         "compression",
         FT,
