@@ -150,6 +150,16 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 
+def test_test_module_names_are_unique_across_the_suite():
+    """pytest imports test folders without __init__.py by basename: two equal names break collection."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    seen: dict[str, Path] = {}
+    for folder in config["tool"]["pytest"]["ini_options"]["testpaths"]:
+        for path in sorted((ROOT / folder).rglob("test_*.py")):
+            assert path.name not in seen, f"{path} and {seen[path.name]} share a module name"
+            seen[path.name] = path
+
+
 def test_tutorial_snippets_come_from_files_the_suite_runs():
     text = (ROOT / "docs" / "writing-plugins.md").read_text(encoding="utf-8")
     snippets = re.findall(r"<!-- snippet: (\S+) -->\n```python\n(.*?)```", text, flags=re.S)
