@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.metadata as md
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,7 +243,7 @@ def _check_data_files(stack: StackFile, base_dir: Path, problems: list[Problem])
         if value is None:
             continue
         path = Path(value).expanduser()
-        path = path if path.is_absolute() else base_dir / path
+        path = Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
         if not path.exists():
             problems.append(Problem(f"data.{key}", f"file not found: {path}"))
         elif path.is_dir():
