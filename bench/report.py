@@ -25,7 +25,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        return f"{value:.{digits if abs(value) < 10 else 1}f}"  # metrics keep 4 digits; ms and rates 1
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
@@ -68,7 +68,9 @@ def _rate(row: dict[str, Any]) -> float:
     return 0.0
 
 
-def adaptation(rows: dict[str, Any], base_name: str, names: list[str], bars: dict[str, float]) -> str:
+def adaptation(
+    rows: dict[str, Any], base_name: str, names: list[str], bars: dict[str, float], split: str = "dev"
+) -> str:
     base, _ = best_of_grid(rows, base_name)
     out = []
     for name in [base_name, *names]:
@@ -98,7 +100,7 @@ def adaptation(rows: dict[str, Any], base_name: str, names: list[str], bars: dic
         "trainable %",
         "trainable",
         "train ex/s",
-        "learning rates tried: dev metric",
+        f"learning rates tried: {split} metric",
         "target",
         "",
     ]
@@ -296,7 +298,13 @@ def write(results: dict[str, Any], out: Path) -> None:
     )
     parts.append("\n### CoNLL-2003 (test set, entity-level F1 with seqeval)\n")
     parts.append(
-        adaptation(rows, "conll-full-ft", ["conll-lora", "conll-adapter"], {"conll-lora": 0.98, "conll-adapter": 0.98})
+        adaptation(
+            rows,
+            "conll-full-ft",
+            ["conll-lora", "conll-adapter"],
+            {"conll-lora": 0.98, "conll-adapter": 0.98},
+            split="test",
+        )
     )
     parts.append("\n" + compression(rows, "conll-full-ft", ["conll-int8-dynamic"]))
     tags = conll_tags(rows, "conll-full-ft")
@@ -334,7 +342,9 @@ def write(results: dict[str, Any], out: Path) -> None:
 def _plot(rows: dict[str, Any], out: Path) -> None:
     from tunestack.compare import compare_runs, plot
 
-    paths = [Path(r["run_dir"]) for r in rows.values() if r["task"] == "sst2" and Path(r["run_dir"]).exists()]
+    main = [n for n, r in rows.items() if r["task"] == "sst2" and r["group"] not in ("lr-grid", "prompt-sweep")]
+    best = [best_of_grid(rows, name)[0] for name in main]  # one point a method: its best learning rate
+    paths = [Path(r["run_dir"]) for r in best if r is not None and Path(r["run_dir"]).exists()]
     if len(paths) >= 2:
         plot(compare_runs(paths), out / "pareto.png", latency="b32")
 
