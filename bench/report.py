@@ -215,6 +215,28 @@ def prompt_sweep(rows: dict[str, Any]) -> str:
     )
 
 
+def repeatability(rows: dict[str, Any]) -> str:
+    """Each repeat row next to the row it repeats: the metric must be equal, timings within noise."""
+    out = []
+    for name, again in rows.items():
+        first = rows.get(again.get("repeats", ""))
+        if again["group"] != "repeat" or first is None:
+            continue
+        for label, key in (
+            ("metric", "value"),
+            ("train examples/s", "train_examples_per_s"),
+            ("latency b1 (ms)", "latency_ms_b1"),
+            ("latency b32 (ms)", "latency_ms_b32"),
+        ):
+            a, b = first.get(key), again.get(key)
+            change = f"{(b - a) / a:+.2%}" if isinstance(a, int | float) and isinstance(b, int | float) and a else "-"
+            out.append([label, a, b, change])
+        out.append(["metric identical", "", "", "**yes**" if first["value"] == again["value"] else "**no**"])
+        header = ["", f"`{first['row']}`", f"`{name}`", "change"]
+        return _table(header, out)
+    return ""
+
+
 def efficiency(results: dict[str, Any]) -> str:
     peak = results.get("gemm_peak_gflops")
     rows = []
@@ -327,6 +349,10 @@ def write(results: dict[str, Any], out: Path) -> None:
                 ],
             )
         )
+    again = repeatability(rows)
+    if again:
+        parts.append("\n### Reproducibility: one row run twice in the same suite (same seed)\n")
+        parts.append(again)
     eff = efficiency(results)
     if eff:
         parts.append("\n### Compute efficiency (training, useful tokens, against a 1024^3 fp32 GEMM)\n")
@@ -342,7 +368,9 @@ def write(results: dict[str, Any], out: Path) -> None:
 def _plot(rows: dict[str, Any], out: Path) -> None:
     from tunestack.compare import compare_runs, plot
 
-    main = [n for n, r in rows.items() if r["task"] == "sst2" and r["group"] not in ("lr-grid", "prompt-sweep")]
+    main = [
+        n for n, r in rows.items() if r["task"] == "sst2" and r["group"] not in ("lr-grid", "prompt-sweep", "repeat")
+    ]
     best = [best_of_grid(rows, name)[0] for name in main]  # one point a method: its best learning rate
     paths = [Path(r["run_dir"]) for r in best if r is not None and Path(r["run_dir"]).exists()]
     if len(paths) >= 2:

@@ -65,6 +65,7 @@ def row_record(row: Row, result: Any) -> dict[str, Any]:
         "learning_rate": max((s["train"]["learning_rate"] for s in stages if s.get("train")), default=None),
         "methods": [[m["method"] for m in s["methods"]] for s in stages],
         "reports": {m["key"]: m["reports"] for s in stages for m in s["methods"] if m["reports"]},
+        "repeats": row.repeats,
     }
     if row.task == "conll":
         record["tag_report"] = metrics.get("tag_report")
