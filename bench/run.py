@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from rows import FULL, QUICK, QUICK_ROWS, ROWS, Row  # noqa: E402
+from tunestack.errors import Interrupted  # noqa: E402
 
 HEADLINE = {"sst2": "accuracy", "conll": "entity_f1"}
 
@@ -118,6 +119,8 @@ def main(argv: list[str]) -> int:
             print(f"> {row.name} ...", flush=True)
             try:
                 record = run_row(row, settings, out / "runs", results["rows"])
+            except Interrupted:
+                raise  # Ctrl-C or SIGTERM stops the suite; the rows done so far are in results.json
             except Exception as error:  # record and keep going: one broken row must not lose the others
                 results.setdefault("errors", {})[row.name] = f"{type(error).__name__}: {error}"
                 traceback.print_exc()
