@@ -311,9 +311,9 @@ GRID = {
     "sst2-lora": ([{"method": "lora", "r": 8}], [1e-3, 2e-3]),
     "sst2-adapter-houlsby": ([{"method": "adapter", "variant": "houlsby"}], [3e-3, 5e-3]),
     "sst2-adapter-pfeiffer": ([{"method": "adapter", "variant": "pfeiffer"}], [3e-3, 5e-3]),
-    "sst2-bitfit": ([{"method": "freeze", "bitfit": True}], [5e-3, 1e-2]),
+    "sst2-bitfit": ([{"method": "freeze", "bitfit": True}], [5e-3, 1e-2, 2e-2]),
     # the main prefix row uses the reparametrisation MLP; the grid tries the plain table
-    "sst2-prefix": ([{"method": "prefix", "mode": "prefix"}], [5e-3, 3e-2]),
+    "sst2-prefix": ([{"method": "prefix", "mode": "prefix"}], [5e-3, 3e-2, 5e-2]),
 }
 CONLL_GRID = {
     "conll-lora": ([{"method": "lora", "r": 8}], [3e-3]),
