@@ -124,15 +124,16 @@ def compression(rows: dict[str, Any], base_name: str, names: list[str]) -> str:
             if "macs_after" in report and "macs_before" in report:
                 macs = _ratio(report["macs_before"], report["macs_after"])
         ok = None
+        speed = min(b1 or 0, b32 or 0)  # a speed target holds at batch 1 and at batch 32
         if name in {"sst2-int8-dynamic", "sst2-int8-static", "sst2-int8-torchao-compiled"}:
-            ok = delta >= -0.5 and (b1 or 0) >= 1.6 and (b32 or 0) >= 1.6
+            ok = delta >= -0.5 and speed >= 1.6
         elif name == "sst2-prune40-kd":
-            ok = (retention or 0) >= 0.98 and (b32 or 0) >= 1.5
+            ok = (retention or 0) >= 0.98 and speed >= 1.5
         elif name == "sst2-kd-student":
             nokd = rows.get("sst2-student-nokd")
-            ok = (retention or 0) >= 0.97 and (b32 or 0) >= 1.8 and (nokd is None or r["value"] > nokd["value"])
-        elif name == "sst2-stack-lora-prune-int8":
-            ok = (retention or 0) >= 0.96 and (b32 or 0) >= 2.5 and (size or 9) <= 0.35
+            ok = (retention or 0) >= 0.97 and speed >= 1.8 and (nokd is None or r["value"] > nokd["value"])
+        elif name in {"sst2-stack-lora-prune-int8", "sst2-stack-lora-prune-int8-emb"}:
+            ok = (retention or 0) >= 0.96 and speed >= 2.5 and (size or 9) <= 0.35
         out.append(
             [
                 name,
@@ -188,7 +189,7 @@ def prompt_sweep(rows: dict[str, Any]) -> str:
 
     out = []
     zero = rows.get("sst2-prompt-zeroshot")
-    full = rows.get("sst2-full-ft")
+    full, _ = best_of_grid(rows, "sst2-full-ft")
     if zero:
         out.append(["zero-shot", f"{zero['value']:.4f}", "-", 1])
     means = []
@@ -241,7 +242,7 @@ def efficiency(results: dict[str, Any]) -> str:
     peak = results.get("gemm_peak_gflops")
     rows = []
     for name, frozen in (("sst2-full-ft", False), ("sst2-lora", True)):
-        r = results["rows"].get(name)
+        r, _ = best_of_grid(results["rows"], name)
         if r is None or not r.get("train_tokens_per_s") or not peak:
             continue
         attention = 2 * MINILM_LAYERS * 64 * MINILM_WIDTH
@@ -250,7 +251,7 @@ def efficiency(results: dict[str, Any]) -> str:
         achieved = r["train_tokens_per_s"] * per_token / 1e9
         rows.append(
             [
-                name,
+                r["row"],
                 round(r["train_tokens_per_s"], 1),
                 f"{per_token / 1e6:.1f}",
                 f"{achieved:.1f}",
@@ -314,6 +315,7 @@ def write(results: dict[str, Any], out: Path) -> None:
                 "sst2-student-nokd",
                 "sst2-kd-student",
                 "sst2-stack-lora-prune-int8",
+                "sst2-stack-lora-prune-int8-emb",
                 "sst2-stack-kd-lora-int8",
             ],
         )
@@ -332,20 +334,22 @@ def write(results: dict[str, Any], out: Path) -> None:
     tags = conll_tags(rows, "conll-full-ft")
     if tags:
         parts.append("\nToken-level report of `conll-full-ft` on the test set:\n\n" + tags)
-    overhead = results.get("overhead")
-    if overhead:
+    overheads = results.get("overhead_runs") or ([results["overhead"]] if results.get("overhead") else [])
+    if overheads:
         parts.append("\n### Framework overhead (LoRA r=8, batch 32 x 64 tokens, same process, interleaved)\n")
         parts.append(
             _table(
-                ["hand-written peft + torch step (ms)", "tunestack step (ms)", "ratio", "target", ""],
+                ["measured", "hand-written peft + torch step (ms)", "tunestack step (ms)", "ratio", "target", ""],
                 [
                     [
+                        overhead.get("measured_at", "first suite run"),
                         overhead["hand_step_ms"],
                         overhead["tunestack_step_ms"],
                         f"{overhead['ratio']:.3f}",
                         "<= 1.03",
                         _met(overhead["ratio"] <= 1.03),
                     ]
+                    for overhead in overheads
                 ],
             )
         )

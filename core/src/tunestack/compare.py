@@ -125,6 +125,51 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = Tru
     return sorted(front, key=lambda k: points[k][0])
 
 
+def _label_points(fig: Any, ax: Any, xs: list[float], ys: list[float], names: list[str]) -> None:
+    """Label each point where its text overlaps no label placed before it (nearby runs crowd)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)  # labels stay inside the axes
+    placed: list[Any] = []
+    steps = [4, -10, 14, -20, 24, -30, 34, -40, 44, -50, 54, -60, 64, -70]
+    candidates = [(5, dy, "left") for dy in steps] + [(-5, dy, "right") for dy in steps]
+
+    def clash(box: Any) -> float:
+        inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        overlap = sum(
+            max(0.0, min(box.x1, o.x1) - max(box.x0, o.x0)) * max(0.0, min(box.y1, o.y1) - max(box.y0, o.y0))
+            for o in placed
+        )
+        return overlap + (0.0 if inside else 1e9)
+
+    for x, y, name in sorted(zip(xs, ys, names), key=lambda p: (-p[1], p[0])):
+        best: tuple[float, Any] | None = None
+        for dx, dy, align in candidates:
+            arrow = {"arrowstyle": "-", "lw": 0.4, "color": "gray"} if (dx, dy) != (5, 4) else None
+            note = ax.annotate(
+                name, (x, y), textcoords="offset points", xytext=(dx, dy), ha=align, fontsize=7, arrowprops=arrow
+            )
+            score = clash(_text_box(note, renderer))
+            if best is None or score < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (score, note)
+            else:
+                note.remove()
+            if score == 0:
+                break
+        assert best is not None
+        placed.append(_text_box(best[1], renderer))
+
+
+def _text_box(note: Any, renderer: Any) -> Any:
+    """The label's own box, without its leader line."""
+    from matplotlib.text import Text
+
+    note.update_positions(renderer)  # an annotation places its text only when drawn
+    return Text.get_window_extent(note, renderer)
+
+
 def plot(rows: list[RunRow], path: Path, latency: str = "b32") -> Path:
     """Metric against CPU latency; marker area follows file size; the Pareto frontier is drawn."""
     try:
@@ -145,14 +190,13 @@ def plot(rows: list[RunRow], path: Path, latency: str = "b32") -> Path:
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     ax.scatter(xs, ys, s=sizes, alpha=0.6, color="tab:blue", edgecolors="black", linewidths=0.5)
     ax.plot([xs[i] for i in front], [ys[i] for i in front], color="tab:red", linestyle="--", label="Pareto frontier")
-    for x, y, row in zip(xs, ys, usable):
-        ax.annotate(row.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel(f"CPU latency, batch {latency[1:]} (ms, median)")
     ax.set_ylabel(usable[0].metric_name)
     ax.set_title("quality vs latency (marker area ~ model size on disk)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best")
-    fig.tight_layout()
+    ax.legend(loc="lower right")
+    fig.tight_layout()  # before labelling: the labels are placed in the final layout
+    _label_points(fig, ax, xs, ys, [r.name for r in usable])
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
