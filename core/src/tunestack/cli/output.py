@@ -29,6 +29,11 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _measured(value: Any) -> Any:
+    """Milliseconds and megabytes: one decimal is all a timing on a shared machine can claim."""
+    return f"{value:.1f}" if isinstance(value, float) else value
+
+
 def summary_rows(stages: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     metrics = [s["metrics"] for s in stages]
     headline = [k for k in HEADLINE if any(k in m for m in metrics)]
@@ -57,8 +62,8 @@ def summary_rows(stages: Sequence[dict[str, Any]]) -> tuple[list[str], list[list
                 *[m.get(k) for k in headline],
                 m.get("params_total"),
                 m.get("params_trainable"),
-                m.get("size_mb"),
-                *[m.get(k) for k in latency],
+                _measured(m.get("size_mb")),
+                *[_measured(m.get(k)) for k in latency],
                 stage["status"],
             ]
         )
