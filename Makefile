@@ -37,7 +37,7 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py --docs
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick
