@@ -42,11 +42,8 @@ from tunestack.api import (
     ValidationContext,
     hookimpl,
 )
-from tunestack_int8._quiet import filter_neural_compressor_logs
 
 __all__ = ["CONTRACT", "Int8", "Int8Options"]
-
-filter_neural_compressor_logs()  # stdlib logging only; see the function's docstring
 
 Backend = Literal["auto", "torchao", "fbgemm", "neural-compressor"]
 ModuleType = Literal["linear", "embedding"]

@@ -2,7 +2,9 @@
 
 torchao logs "Failed to load ..._C_*.so" (CUDA-only extensions) and a torch pytree notice when
 imported; neural-compressor logs at import and during prepare/convert, and writes ``nc_workspace/``
-into the current directory. Everything here is imported lazily, inside the hooks.
+into the current directory. Everything here is imported lazily, inside the hooks. (Core already
+filters neural-compressor's records below ERROR when tunestack is imported, for every plugin: peft
+imports neural-compressor while wrapping LoRA layers.)
 """
 
 from __future__ import annotations
@@ -25,29 +27,10 @@ NOISY_MESSAGES = (
 )
 
 
-class _ErrorsOnly(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR
-
-
-def filter_neural_compressor_logs() -> None:
-    """Drop neural-compressor's log records below ERROR, whoever imports it.
-
-    INC builds its logger once, at import, with the level from ``LOGLEVEL`` (default INFO),
-    overwriting any level set earlier; but it keeps filters. With neural-compressor installed, peft
-    imports it while wrapping LoRA layers, so its "Auto detect accelerator" warnings would reach
-    users of other methods too. Cheap: no import of neural-compressor here.
-    """
-    logger = logging.getLogger("neural_compressor")
-    if not any(isinstance(f, _ErrorsOnly) for f in logger.filters):
-        logger.addFilter(_ErrorsOnly())
-
-
 def silence() -> None:
     """Raise the noisy loggers to ERROR and filter the known deprecation notices (idempotent)."""
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    filter_neural_compressor_logs()
     for message in NOISY_MESSAGES:
         warnings.filterwarnings("ignore", message=message)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao\..*")

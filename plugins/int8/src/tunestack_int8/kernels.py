@@ -344,6 +344,7 @@ def export(kind: str, module: Any, source: str) -> tuple[dict[str, torch.Tensor]
 
 def restore(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
     """Rebuild the module :func:`export` described, from its stored tensors (no calibration)."""
+    _quiet.silence()  # reloading builds quantized tensors, which torch now flags as deprecated
     kind = meta["kind"]
     if kind == EMBEDDING:
         qweight = torch._make_per_channel_quantized_tensor(
