@@ -107,9 +107,19 @@ def main(argv: list[str]) -> int:
     results.setdefault("machine", machine())
 
     if not args.report:
+        # --latency-pass and --overhead alone redo just that part; with --only, the rows come first
+        do_rows = bool(args.only) or not (args.latency_pass or args.overhead)
+        do_overhead = args.overhead or (
+            not args.skip_overhead and not args.only and (args.rerun or "overhead" not in results)
+        )
+        do_latency = args.latency_pass or (not args.only and not args.overhead)
+
+        def save() -> None:
+            results_file.write_text(json.dumps(results, indent=2, default=str))
+
         rows = [r for r in ROWS if (not args.quick or r.name in QUICK_ROWS) and (not args.only or r.name in args.only)]
         suite_started = time.time()
-        for row in rows if not ((args.latency_pass or args.overhead) and not args.only) else []:
+        for row in rows if do_rows else []:
             if row.name in results["rows"] and not args.rerun:
                 print(f"= {row.name}: done earlier", flush=True)
                 continue
@@ -125,13 +135,13 @@ def main(argv: list[str]) -> int:
             except Exception as error:  # record and keep going: one broken row must not lose the others
                 results.setdefault("errors", {})[row.name] = f"{type(error).__name__}: {error}"
                 traceback.print_exc()
-                results_file.write_text(json.dumps(results, indent=2, default=str))
+                save()
                 continue
             results.get("errors", {}).pop(row.name, None)
             results["rows"][row.name] = record
             print(f"  {record['metric']}={record['value']}  {record['wall_seconds']} s", flush=True)
-            results_file.write_text(json.dumps(results, indent=2, default=str))
-        if args.overhead or (not args.skip_overhead and (args.rerun or "overhead" not in results) and not args.only):
+            save()
+        if do_overhead:
             import overhead
 
             print("> overhead ...", flush=True)
@@ -140,14 +150,14 @@ def main(argv: list[str]) -> int:
             results["overhead"]["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             results["overhead_runs"].append(results["overhead"])  # every measurement is shown
             results["gemm_peak_gflops"] = round(overhead.gemm_peak_gflops(), 1)
-        if (not args.only and not args.overhead) or args.latency_pass:
+        if do_latency:
             import latency
 
             print("> side-by-side latency pass ...", flush=True)
             results["latency"] = latency.side_by_side(results["rows"])
         results["suite_seconds"] = round(results.get("suite_seconds", 0) + time.time() - suite_started, 1)
         results["machine"] = machine()
-        results_file.write_text(json.dumps(results, indent=2, default=str))
+        save()
 
     import report
 
